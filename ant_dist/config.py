@@ -1,0 +1,164 @@
+"""Stage configs: one dataclass per stage, merged by OmegaConf from YAML and `key=value` overrides.
+
+Every field carries a `help` string in its metadata; `--help` on each entry point prints them,
+so the docs of an option live next to its default. OmegaConf's structured mode gives us the
+validation we want for free: an unknown key or a value of the wrong type is an error that
+names the key. `ConfigError` rewraps those into one readable line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help text (lists/dicts get a default_factory)."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+# ----------------------------------------------------------------------------- synth
+@dataclass
+class SynthConfig:
+    out: str = opt("data/raw", "output folder; one sub-folder per domain in the Amazon 2018 raw format")
+    seed: int = opt(0, "random seed; the same seed gives byte-identical output")
+    aux_domains: list = opt(["Food", "Movies", "Home", "Clothing"], "names of the auxiliary domains")
+    target_domains: list = opt(["Scientific", "Office"], "names of the target domains")
+    items_per_domain: int = opt(2000, "items per auxiliary domain")
+    target_items_per_domain: int = opt(800, "items per target domain")
+    users_per_domain: int = opt(3000, "users per auxiliary domain")
+    target_users_per_domain: int = opt(300, "users per target domain (data-poor: ~10x fewer)")
+    seq_len_min: int = opt(6, "shortest user sequence generated (before 5-core filtering)")
+    seq_len_max: int = opt(30, "longest user sequence generated")
+    n_styles: int = opt(24, "latent item styles shared by all domains (drive images, prices, order)")
+    interests_per_user: int = opt(3, "styles each user returns to when not following the transition map")
+    follow_prob: float = opt(0.75, "probability that the next style follows the shared 2nd-order transition map")
+    images: bool = opt(True, "draw item images (turn off at paper scale to save disk)")
+    image_size: int = opt(64, "side of the square item images, pixels")
+    missing_image_frac: float = opt(0.08, "fraction of items without an image")
+    missing_price_frac: float = opt(0.1, "fraction of items without a price")
+    workers: int = opt(2, "processes used to draw images")
+
+
+# ----------------------------------------------------------------------------- pack
+@dataclass
+class PackConfig:
+    domain: str = opt("???", "domain name, also the output sub-folder under `out`")
+    format: str = opt("amazon2018", "raw input format: amazon2018 | amazon2023 | table")
+    meta: str = opt("???", "item metadata file: meta JSON lines (.json/.jsonl, optionally .gz) or, "
+                    "for format=table, a CSV/Parquet with columns id, text[, price, image]")
+    interactions: str = opt("???", "interactions: amazon2018 ratings CSV (item,user,rating,timestamp) "
+                            "or review JSON lines; amazon2023 review JSON lines; table CSV/Parquet "
+                            "with columns user, item, timestamp")
+    images: Optional[str] = opt(None, "folder of item images named <item_id>.<jpg|jpeg|png|webp>")
+    out: str = opt("shards", "output root; the domain is written to <out>/<domain>/")
+    min_core: int = opt(5, "iterative k-core: keep users and items with at least this many interactions")
+    max_seq_len: int = opt(50, "keep each user's most recent N interactions (after k-core)")
+    max_text_chars: int = opt(1000, "item texts are cut to this many characters (at a word boundary)")
+    price_cap: float = opt(1000.0, "prices are normalised to [0, 100] on a log scale with this cap (USD)")
+    max_price: float = opt(1.0e6, "a price above this is treated as absurd: set to null and counted")
+    shard_max_items: int = opt(10000, "at most this many items per shard")
+    shard_max_bytes: int = opt(256 * 2**20, "at most about this many bytes per shard")
+    max_bad_fraction: float = opt(0.2, "fail (exit 2) when more than this fraction of metadata lines "
+                                  "or interaction rows is malformed")
+    workers: int = opt(2, "processes that validate images and write shards")
+    examples_per_reason: int = opt(5, "examples (file:line) kept per skip reason in pack_report.json")
+    progress: bool = opt(True, "show progress bars")
+
+
+def field_help(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, help) for every field of a config dataclass."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        tname = getattr(f.type, "__name__", str(f.type))
+        rows.append((f.name, tname, default, f.metadata.get("help", "")))
+    return rows
+
+
+def format_help(cls: type, prog: str, description: str) -> str:
+    lines = [f"usage: {prog} [--config FILE.yaml] [key=value ...]", "", description.strip(), "",
+             "options (set in the YAML file or as key=value; '???' = required):"]
+    for name, tname, default, text in field_help(cls):
+        lines.append(f"  {name}={default!r}  ({tname})")
+        lines.append(f"      {text}")
+    lines += ["", "  --config FILE   YAML file with any of the options above",
+              "  --print-config  print the resolved config and exit", "  -h, --help      this text"]
+    return "\n".join(lines)
+
+
+def load_config(cls: type[T], config_file: Optional[str | Path] = None,
+                overrides: Sequence[str] = ()) -> T:
+    """Merge defaults <- YAML file <- `key=value` overrides into a validated `cls` instance."""
+    try:
+        merged = OmegaConf.structured(cls)
+        if config_file is not None:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad}")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"missing required option(s): {', '.join(missing)}")
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        # The first line of OmegaConf's message names the key and the problem.
+        msg = str(exc).splitlines()[0]
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the fully resolved config as YAML (so any run can be repeated from its folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tmp.replace(path)
+
+
+def parse_cli(cls: type[T], argv: Optional[Sequence[str]], prog: str, description: str) -> T:
+    """`--config FILE`, `--help`, `--print-config` and `key=value` overrides for one stage."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(format_help(cls, prog, description))
+        raise SystemExit(0)
+    print_only = "--print-config" in args
+    args = [a for a in args if a != "--print-config"]
+    config_file = None
+    if "--config" in args:
+        i = args.index("--config")
+        if i + 1 >= len(args):
+            raise SystemExit(f"{prog}: --config needs a file")
+        config_file = args[i + 1]
+        del args[i:i + 2]
+    unknown_flags = [a for a in args if a.startswith("-")]
+    if unknown_flags:
+        raise SystemExit(f"{prog}: unknown flag(s) {unknown_flags}; options are key=value (see --help)")
+    try:
+        cfg = load_config(cls, config_file, args)
+    except ConfigError as exc:
+        raise SystemExit(f"{prog}: config error: {exc}") from None
+    if print_only:
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        raise SystemExit(0)
+    return cfg

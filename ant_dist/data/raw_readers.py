@@ -1,0 +1,298 @@
+"""Readers for raw catalogs: Amazon 2018, Amazon 2023 and a generic table format.
+
+Each reader streams its input, never trusts a field, and reports every dropped or repaired
+record to a `BadInputLog`. Items come out as `RawItem`s keyed by id; interactions come out
+as three parallel arrays (user id, item id, timestamp) for vectorised filtering.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from .cleaning import clean_text, item_text, parse_price, validate_price
+from .report import BadInputLog
+
+FORMATS = ("amazon2018", "amazon2023", "table")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class InputError(ValueError):
+    """Raw input that cannot be read at all (missing file, unknown format, missing columns)."""
+
+
+@dataclass
+class RawItem:
+    text: str
+    price: Optional[float]
+    image_path: Optional[str] = None
+
+
+@dataclass
+class RawInteractions:
+    users: np.ndarray       # object array of user id strings
+    items: np.ndarray       # object array of item id strings
+    timestamps: np.ndarray  # int64
+    total_rows: int         # rows read, including the malformed ones
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def iter_json_lines(path: Path, log: BadInputLog, progress: bool = True) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each line that is a JSON object; the rest are counted.
+
+    Non-UTF-8 bytes are replaced (U+FFFD) and counted as a repair, since the rest of the
+    record is usually fine.
+    """
+    with _open_binary(path) as fh:
+        bar = tqdm(fh, desc=f"read {path.name}", unit=" lines", disable=not progress, mininterval=1)
+        for lineno, raw in enumerate(bar, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path.name}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = raw.decode("utf-8", errors="replace")
+                log.repair("non_utf8_text", where, line[:80])
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                log.skip("malformed_json", where, exc.msg)
+                continue
+            if not isinstance(obj, dict):
+                log.skip("malformed_json", where, "not a JSON object")
+                continue
+            yield lineno, obj
+
+
+def _first_str(value) -> Optional[str]:
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _meta_fields_2018(obj: dict):
+    return (_first_str(obj.get("asin")), obj.get("title"), obj.get("category") or obj.get("categories"),
+            obj.get("brand"), obj.get("price"))
+
+
+def _meta_fields_2023(obj: dict):
+    return (_first_str(obj.get("parent_asin")), obj.get("title"), obj.get("categories"),
+            obj.get("store"), obj.get("price"))
+
+
+def read_items(fmt: str, meta: str | Path, log: BadInputLog, *, max_text_chars: int,
+               max_price: float, progress: bool = True) -> tuple[dict[str, RawItem], int]:
+    """Item id -> RawItem from a metadata file, and the number of records read."""
+    path = Path(meta)
+    if not path.is_file():
+        raise InputError(f"metadata file not found: {path}")
+    if fmt == "table":
+        return _read_items_table(path, log, max_text_chars=max_text_chars, max_price=max_price)
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    fields = _meta_fields_2018 if fmt == "amazon2018" else _meta_fields_2023
+    items: dict[str, RawItem] = {}
+    records = 0
+    for lineno, obj in iter_json_lines(path, log, progress):
+        records += 1
+        item_id, title, cats, brand, price_raw = fields(obj)
+        _add_item(items, log, f"{path.name}:{lineno}", item_id, title, cats, brand, price_raw,
+                  max_text_chars, max_price)
+    # lines that were not even JSON are records too
+    records += log.skipped["malformed_json"]
+    return items, records
+
+
+def _add_item(items: dict[str, RawItem], log: BadInputLog, where: str, item_id, title, cats, brand,
+              price_raw, max_text_chars: int, max_price: float, drop_first_category: bool = True) -> None:
+    if item_id is None:
+        log.skip("missing_item_id", where)
+        return
+    if item_id in items:
+        log.skip("duplicate_item", where, item_id)  # first occurrence wins
+        return
+    text = item_text(title, cats, brand, max_text_chars, drop_first_category)
+    if not text:
+        log.skip("empty_text", where, item_id)
+        return
+    price, reason = validate_price(parse_price(price_raw), max_price)
+    if reason:
+        log.repair(reason, where, f"{item_id}: {price_raw!r} -> null")
+    items[item_id] = RawItem(text=text, price=price)
+
+
+def _read_table(path: Path) -> pa.Table:
+    if path.suffix == ".parquet":
+        return pq.read_table(path)
+    if path.suffix in (".csv", ".gz", ".tsv"):
+        opts = pacsv.ParseOptions(delimiter="\t" if ".tsv" in path.suffixes else ",")
+        return pacsv.read_csv(path, parse_options=opts,
+                              convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+    raise InputError(f"{path}: expected .csv, .tsv or .parquet")
+
+
+def _read_items_table(path: Path, log: BadInputLog, *, max_text_chars: int, max_price: float):
+    table = _read_table(path)
+    cols = set(table.column_names)
+    if not {"id", "text"} <= cols:
+        raise InputError(f"{path}: item table needs columns id and text, has {sorted(cols)}")
+    frame = table.to_pandas()
+    items: dict[str, RawItem] = {}
+    for i, row in enumerate(frame.itertuples(index=False)):
+        rec = row._asdict()
+        item_id = _first_str(rec.get("id"))
+        _add_item(items, log, f"{path.name}:row {i + 2}", item_id, rec.get("text"), [], None,
+                  rec.get("price"), max_text_chars, max_price, drop_first_category=False)
+        image = rec.get("image")
+        if item_id in items and isinstance(image, str) and image.strip():
+            img = Path(image.strip())
+            items[item_id].image_path = str(img if img.is_absolute() else path.parent / img)
+    return items, len(frame)
+
+
+def index_images(folder: Optional[str | Path]) -> dict[str, str]:
+    """Item id -> image path for files named <item_id>.<jpg|jpeg|png|webp> in one folder."""
+    if not folder:
+        return {}
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"image folder not found: {folder}")
+    found: dict[str, str] = {}
+    rank = {ext: i for i, ext in enumerate(IMAGE_EXTENSIONS)}
+    with os.scandir(folder) as it:
+        entries = sorted((e.name for e in it if e.is_file()))
+    for name in entries:
+        stem, _, ext = name.rpartition(".")
+        ext = ext.lower()
+        if not stem or ext not in rank:
+            continue
+        prev = found.get(stem)
+        if prev is None or rank[ext] < rank[prev.rpartition(".")[2].lower()]:
+            found[stem] = str(folder / name)
+    return found
+
+
+# ----------------------------------------------------------------------------- interactions
+def read_interactions(fmt: str, path: str | Path, log: BadInputLog,
+                      progress: bool = True) -> RawInteractions:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"interactions file not found: {path}")
+    name = path.name.lower()
+    if fmt == "amazon2018" and (name.endswith(".csv") or name.endswith(".csv.gz")):
+        return _interactions_from_csv(path, log, ["item", "user", "rating", "timestamp"], header=False)
+    if fmt == "table":
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+            return _interactions_from_table(table, path, log, lineno_offset=1, total=table.num_rows)
+        return _interactions_from_csv(path, log, None, header=True)
+    keys = {"amazon2018": ("reviewerID", "asin", "unixReviewTime"),
+            "amazon2023": ("user_id", "parent_asin", "timestamp")}
+    if fmt not in keys:
+        raise InputError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    return _interactions_from_json(path, log, *keys[fmt], progress=progress)
+
+
+def _interactions_from_json(path: Path, log: BadInputLog, user_key: str, item_key: str, time_key: str,
+                            progress: bool) -> RawInteractions:
+    users: list[str] = []
+    items: list[str] = []
+    times: list[int] = []
+    before = log.skipped["malformed_json"]
+    records = 0
+    for lineno, obj in iter_json_lines(path, log, progress):
+        records += 1
+        user, item, ts = _first_str(obj.get(user_key)), _first_str(obj.get(item_key)), obj.get(time_key)
+        if user is None or item is None:
+            log.skip("missing_field", f"{path.name}:{lineno}", f"no {user_key} or {item_key}")
+            continue
+        try:
+            ts_int = int(ts)
+        except (TypeError, ValueError, OverflowError):
+            log.skip("bad_timestamp", f"{path.name}:{lineno}", repr(ts))
+            continue
+        users.append(user)
+        items.append(item)
+        times.append(ts_int)
+    total = records + log.skipped["malformed_json"] - before
+    return RawInteractions(np.array(users, dtype=object), np.array(items, dtype=object),
+                           np.array(times, dtype=np.int64), total)
+
+
+def _interactions_from_csv(path: Path, log: BadInputLog, names: Optional[list[str]],
+                           header: bool) -> RawInteractions:
+    bad_lines: list[int] = []
+
+    def on_invalid(row) -> str:
+        bad_lines.append(row.number or 0)
+        log.skip("malformed_row", f"{path.name}:{row.number}", row.text)
+        return "skip"
+
+    # Single-threaded parsing keeps the line numbers of bad rows exact.
+    read = pacsv.ReadOptions(column_names=names, use_threads=False, block_size=64 << 20)
+    parse = pacsv.ParseOptions(invalid_row_handler=on_invalid, ignore_empty_lines=True)
+    want = ["user", "item", "timestamp"]
+    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in (names or want)},
+                                   strings_can_be_null=True)
+    try:
+        table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+    except pa.ArrowInvalid as exc:
+        raise InputError(f"{path}: cannot parse as CSV: {exc}") from None
+    missing = [c for c in want if c not in table.column_names]
+    if missing:
+        raise InputError(f"{path}: interactions need columns {want}, missing {missing}")
+    # Line number of parsed row i: i + 1 (+1 for a header) + bad rows before it.
+    return _interactions_from_table(table, path, log, lineno_offset=2 if header else 1,
+                                    total=table.num_rows + len(bad_lines), bad_lines=bad_lines)
+
+
+def _interactions_from_table(table: pa.Table, path: Path, log: BadInputLog, lineno_offset: int,
+                             total: int, bad_lines: Optional[list[int]] = None) -> RawInteractions:
+    cols = {c: table.column(c) for c in ("user", "item", "timestamp")}
+    users = cols["user"].cast(pa.string()).to_numpy(zero_copy_only=False)
+    items = cols["item"].cast(pa.string()).to_numpy(zero_copy_only=False)
+    ts = pd.to_numeric(pd.Series(cols["timestamp"].to_numpy(zero_copy_only=False)), errors="coerce")
+    ts_values = ts.to_numpy(dtype=np.float64, na_value=np.nan)
+    users_ok = np.array([isinstance(u, str) and u.strip() != "" for u in users], dtype=bool)
+    items_ok = np.array([isinstance(i, str) and i.strip() != "" for i in items], dtype=bool)
+    ts_ok = np.isfinite(ts_values)
+    bad_sorted = np.sort(np.asarray(bad_lines or [], dtype=np.int64))
+
+    def line_of(i: int) -> int:
+        line = i + lineno_offset
+        # shift past malformed rows that the parser dropped before this one
+        while True:
+            shift = int(np.searchsorted(bad_sorted, line, side="right"))
+            if i + lineno_offset + shift == line:
+                return line
+            line = i + lineno_offset + shift
+
+    for i in np.flatnonzero(~(users_ok & items_ok))[: log.examples_per_reason]:
+        log.example("missing_field", f"{path.name}:{line_of(int(i))}", "empty user or item")
+    log.skipped["missing_field"] += int((~(users_ok & items_ok)).sum())
+    bad_ts = users_ok & items_ok & ~ts_ok
+    for i in np.flatnonzero(bad_ts)[: log.examples_per_reason]:
+        log.example("bad_timestamp", f"{path.name}:{line_of(int(i))}", repr(cols["timestamp"][int(i)].as_py()))
+    log.skipped["bad_timestamp"] += int(bad_ts.sum())
+    keep = users_ok & items_ok & ts_ok
+    strip = np.frompyfunc(str.strip, 1, 1)
+    return RawInteractions(strip(users[keep]).astype(object), strip(items[keep]).astype(object),
+                           ts_values[keep].astype(np.int64), total)
+
