@@ -1,0 +1,220 @@
+"""Losses: exact full-catalog softmax (chunked), sampled softmax with logQ correction, and the
+text-image alignment regulariser. Scores are cosine similarities over a temperature, as in
+the paper (eq. 13): s(h, v) = cos(h, v) / tau.
+
+Item embeddings come from a callable `item_fn(rows) -> (len(rows), d)` (the IRL applied to
+those rows' features), so the full-catalog loss never materialises all item embeddings, nor
+the (queries x catalog) logits: peak memory is O(queries x chunk).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+ItemFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+class _RNGSnapshot:
+    """Saves and restores the RNG state, so a chunk recomputed in backward draws the same
+    dropout masks and gate noise as in forward (as torch.utils.checkpoint does)."""
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.device = device
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+class _FullSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, targets, item_fn, n_items, chunk, tau, *params):
+        n = h.shape[0]
+        running_max = torch.full((n,), -math.inf, device=h.device)
+        running_sum = torch.zeros(n, device=h.device)
+        target_logit = torch.zeros(n, device=h.device)
+        snapshots = []
+        for start in range(0, n_items, chunk):
+            end = min(start + chunk, n_items)
+            snapshots.append(_RNGSnapshot(h.device))
+            rows = torch.arange(start, end, device=h.device)
+            with torch.no_grad():
+                e = _normalise(item_fn(rows))
+                logits = (h @ e.T) / tau
+                # streamed log-sum-exp: rescale the running sum to the new maximum
+                new_max = torch.maximum(running_max, logits.max(dim=1).values)
+                running_sum = running_sum * torch.exp(running_max - new_max) + \
+                    torch.exp(logits - new_max[:, None]).sum(dim=1)
+                running_max = new_max
+                here = (targets >= start) & (targets < end)
+                idx = here.nonzero(as_tuple=True)[0]
+                target_logit[idx] = logits[idx, targets[idx] - start]
+        lse = running_max + torch.log(running_sum)
+        ctx.save_for_backward(h, targets, lse)
+        ctx.item_fn, ctx.n_items, ctx.chunk, ctx.tau, ctx.snapshots = item_fn, n_items, chunk, tau, snapshots
+        ctx.params = params  # leaves: safe to keep on ctx
+        return lse - target_logit
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        h, targets, lse = ctx.saved_tensors
+        params = ctx.params
+        grad_h = torch.zeros_like(h)
+        grad_params = [torch.zeros_like(p) if p.requires_grad else None for p in params]
+        live = [p for p in params if p.requires_grad]
+        rng_now = _RNGSnapshot(h.device)
+        for i, start in enumerate(range(0, ctx.n_items, ctx.chunk)):
+            end = min(start + ctx.chunk, ctx.n_items)
+            ctx.snapshots[i].restore()
+            rows = torch.arange(start, end, device=h.device)
+            with torch.enable_grad():
+                e = _normalise(ctx.item_fn(rows))
+            ed = e.detach()
+            logits = (h @ ed.T) / ctx.tau
+            # d loss_i / d logit_ij = softmax_ij - [j == target_i], scaled by the incoming grad
+            g = torch.exp(logits - lse[:, None]) * grad_loss[:, None]
+            here = (targets >= start) & (targets < end)
+            idx = here.nonzero(as_tuple=True)[0]
+            g[idx, targets[idx] - start] -= grad_loss[idx]
+            g = g / ctx.tau
+            grad_h += g @ ed
+            if live:
+                grads = torch.autograd.grad(e, live, grad_outputs=g.T @ h, allow_unused=True)
+                for k, gp in zip([j for j, p in enumerate(params) if p.requires_grad], grads):
+                    if gp is not None:
+                        grad_params[k] += gp
+        rng_now.restore()
+        return (grad_h, None, None, None, None, None, *grad_params)
+
+
+def full_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, n_items: int,
+                 params: Sequence[torch.nn.Parameter], tau: float = 0.07, chunk: int = 8192,
+                 reduction: str = "mean") -> torch.Tensor:
+    """Exact cross entropy of cos(h, v_target)/tau against ALL n_items items.
+
+    h: (N, d) user states (any N: flatten positions first); targets: (N,) catalog rows.
+    `params` are the parameters `item_fn` depends on: the backward recomputes each chunk's
+    item embeddings and returns their gradients (they must be listed to receive them).
+    """
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= n_items):
+        raise ValueError("targets must be catalog rows in [0, n_items)")
+    loss = _FullSoftmax.apply(_normalise(h), targets, item_fn, n_items, chunk, tau, *params)
+    return _reduce(loss, reduction)
+
+
+def naive_full_softmax(h: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor,
+                       tau: float = 0.07, reduction: str = "mean") -> torch.Tensor:
+    """Reference: dense logits over the whole catalog (for tests and small catalogs)."""
+    logits = _normalise(h) @ _normalise(item_emb).T / tau
+    return F.cross_entropy(logits, targets, reduction=reduction)
+
+
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+# ----------------------------------------------------------------------------- sampled
+class NegativeSampler:
+    """Draws negatives from the full catalog: uniform, or proportional to popularity^alpha."""
+
+    def __init__(self, n_items: int, popularity: Optional[torch.Tensor] = None, alpha: float = 0.0):
+        if popularity is None or alpha == 0.0:
+            self.probs = torch.full((n_items,), 1.0 / n_items)
+        else:
+            w = popularity.double().clamp(min=0) ** alpha
+            if w.sum() <= 0:
+                raise ValueError("popularity must have a positive entry")
+            self.probs = (w / w.sum()).float()
+        self.n_items = n_items
+
+    def sample(self, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return torch.multinomial(self.probs, k, replacement=True, generator=generator)
+
+
+def _gather_negatives(neg_emb: torch.Tensor, neg_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' negatives; the gradient flows only into this rank's slice."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    embs = [torch.empty_like(neg_emb) for _ in range(world)]
+    rows = [torch.empty_like(neg_rows) for _ in range(world)]
+    dist.all_gather(embs, neg_emb.detach().contiguous())
+    dist.all_gather(rows, neg_rows.contiguous())
+    embs[rank] = neg_emb
+    return torch.cat(embs), torch.cat(rows)
+
+
+def sampled_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, sampler: NegativeSampler,
+                    n_negatives: int, tau: float = 0.07, logq: bool = True,
+                    in_batch_negatives: bool = False, popularity: Optional[torch.Tensor] = None,
+                    gather_across_ranks: bool = False, generator: Optional[torch.Generator] = None,
+                    reduction: str = "mean") -> torch.Tensor:
+    """Cross entropy over {target} + negatives shared by the batch, sampled from the catalog.
+
+    With logQ correction, negative j's logit becomes s_j - log(K q_j): then
+    exp(s_target) + sum_j exp(s_j)/(K q_j) estimates the full partition function, and the loss
+    approaches the exact full softmax as K grows. A negative equal to a row's own target (an
+    accidental hit) is masked out for that row. `in_batch_negatives` adds the batch's targets
+    as extra negatives (mixed negative sampling); they are drawn from the data distribution,
+    estimated by `popularity`, and the correction uses the mixture log(K q_j + B p_j).
+    `gather_across_ranks` all-gathers every rank's sampled negatives (K x world in total).
+    """
+    device = h.device
+    neg_rows = sampler.sample(n_negatives, generator).to(device)
+    neg_emb = _normalise(item_fn(neg_rows))
+    if gather_across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        neg_emb, neg_rows = _gather_negatives(neg_emb, neg_rows)
+    k = len(neg_rows)
+    q = sampler.probs.to(device)
+    hn = _normalise(h)
+    pos_emb = _normalise(item_fn(targets))
+    pos_logit = (hn * pos_emb).sum(-1, keepdim=True) / tau
+    cand_rows, cand_emb = neg_rows, neg_emb
+    if in_batch_negatives:
+        cand_rows = torch.cat([neg_rows, targets])
+        cand_emb = torch.cat([neg_emb, pos_emb])
+    neg_logit = hn @ cand_emb.T / tau
+    if logq:
+        expected = k * q[cand_rows]
+        if in_batch_negatives:
+            if popularity is None:
+                raise ValueError("in_batch_negatives with logq needs item popularity")
+            p = popularity.to(device).double()
+            expected = expected + len(targets) * (p / p.sum())[cand_rows].float()
+        neg_logit = neg_logit - torch.log(expected)
+    neg_logit = neg_logit.masked_fill(cand_rows[None, :] == targets[:, None], -math.inf)
+    logits = torch.cat([pos_logit, neg_logit], dim=1)
+    loss = torch.logsumexp(logits, dim=1) - pos_logit[:, 0]
+    return _reduce(loss, reduction)
+
+
+# ----------------------------------------------------------------------------- alignment
+def alignment_loss(z_image: torch.Tensor, z_text: torch.Tensor, has_image: torch.Tensor,
+                   tau: float = 0.07) -> torch.Tensor:
+    """R_c (eq. 14): image -> text InfoNCE over the given (unique) items that have images.
+
+    q_i = exp(cos(z_m_i, z_t_i)/tau) / sum_i' exp(cos(z_m_i, z_t_i')/tau); returns mean -log q_i,
+    or 0 when fewer than two items have images.
+    """
+    keep = has_image.bool()
+    if int(keep.sum()) < 2:
+        return z_image.sum() * 0.0
+    zm, zt = _normalise(z_image[keep]), _normalise(z_text[keep])
+    logits = zm @ zt.T / tau
+    return F.cross_entropy(logits, torch.arange(len(zm), device=logits.device))

@@ -1,0 +1,245 @@
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ant_dist.losses import (NegativeSampler, alignment_loss, full_softmax, naive_full_softmax,
+                             sampled_softmax)
+from ant_dist.model.ant import FeatureBank
+from ant_dist.model.irl import IRL, IRLConfig
+
+
+def _irl_setup(n_items=103, n_queries=17, seed=0, train=False):
+    torch.manual_seed(seed)
+    irl = IRL(IRLConfig(text_dim=12, image_dim=10, hidden=16, price_dim=8, n_heads=3))
+    for m in (irl.text, irl.image, irl.price):  # non-trivial gates
+        torch.nn.init.normal_(m.w_gate, std=0.3)
+        torch.nn.init.normal_(m.w_noise, std=0.3)
+        torch.nn.init.normal_(m.bias, std=0.3)
+    irl.train(train)
+    price = torch.rand(n_items) * 100
+    price[::5] = float("nan")
+    bank = FeatureBank(torch.randn(n_items, 12), torch.randn(n_items, 10), price)
+    h = torch.randn(n_queries, 16, requires_grad=True)
+    targets = torch.randint(0, n_items, (n_queries,))
+    item_fn = lambda rows: irl(*bank.gather(rows)).embedding  # noqa: E731
+    return irl, item_fn, h, targets
+
+
+def _grads(loss, h, params):
+    """Gradients w.r.t. h and params; an unused parameter (gate noise in eval) gets zeros."""
+    gs = torch.autograd.grad(loss, [h] + list(params), allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, [h] + list(params))]
+
+
+@pytest.mark.parametrize("chunk", [7, 32, 100, 103, 500])
+def test_full_softmax_equals_naive_loss_and_gradients(chunk):
+    irl, item_fn, h, targets = _irl_setup()
+    params = list(irl.parameters())
+    ref = naive_full_softmax(h, targets, item_fn(torch.arange(103)))
+    got = full_softmax(h, targets, item_fn, 103, params, chunk=chunk)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+    for g_ref, g_got in zip(_grads(ref, h, params), _grads(full_softmax(h, targets, item_fn, 103, params, chunk=chunk),
+                                                           h, params)):
+        assert torch.allclose(g_got, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_full_softmax_replays_dropout_and_gate_noise_in_backward():
+    # One chunk covering the catalog draws the same random numbers as the naive pass from
+    # the same seed; the backward must recompute with exactly those draws.
+    irl, item_fn, h, targets = _irl_setup(train=True)
+    params = list(irl.parameters())
+    torch.manual_seed(123)
+    ref = naive_full_softmax(h, targets, item_fn(torch.arange(103)))
+    g_ref = _grads(ref, h, params)
+    torch.manual_seed(123)
+    got = full_softmax(h, targets, item_fn, 103, params, chunk=103)
+    g_got = _grads(got, h, params)
+    assert torch.allclose(got, ref, rtol=1e-5)
+    for a, b in zip(g_got, g_ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_full_softmax_rejects_bad_targets():
+    irl, item_fn, h, _ = _irl_setup()
+    with pytest.raises(ValueError):
+        full_softmax(h, torch.tensor([0, 103]), item_fn, 103, list(irl.parameters()))
+
+
+_MEM_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    from ant_dist.losses import full_softmax
+    n_items, chunk = int(sys.argv[1]), int(sys.argv[2])
+    torch.manual_seed(0)
+    feats = torch.randn(n_items, 16)
+    w = torch.randn(16, 32, requires_grad=True)
+    h = torch.randn(2048, 32, requires_grad=True)
+    t = torch.randint(0, n_items, (2048,))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loss = full_softmax(h, t, lambda r: feats[r] @ w, n_items, [w], chunk=chunk)
+    loss.backward()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)  # MiB
+""")
+
+
+def _peak_mib(n_items, chunk):
+    # A fixed mmap threshold makes glibc return every large buffer to the OS when freed, so
+    # the peak RSS measures what the loss allocates; with glibc's default (a threshold that
+    # grows after the first large free) freed chunks pile up in the heap and RSS drifts by
+    # hundreds of MiB from run to run, whatever the algorithm.
+    out = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(n_items), str(chunk)],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def test_full_softmax_peak_memory_grows_with_chunk_not_catalog():
+    small_cat, big_cat = _peak_mib(20_000, 1024), _peak_mib(160_000, 1024)
+    big_chunk = _peak_mib(20_000, 16_384)
+    # dense logits for 160k items would be 2048 x 160k x 4 B = 1.25 GiB (several copies in backward)
+    assert big_cat - small_cat < 60, (small_cat, big_cat)
+    # one 2048 x 16k chunk of logits is 128 MiB: a larger chunk must cost visibly more
+    assert big_chunk - small_cat > 100, (small_cat, big_chunk)
+
+
+def _random_catalog(n_items=2000, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(n_items, d, generator=g)
+    h = torch.randn(64, d, generator=g, requires_grad=True)
+    targets = torch.randint(0, n_items, (64,), generator=g)
+    return emb, h, targets
+
+
+def test_sampled_softmax_approaches_exact_loss_and_gradient():
+    emb, h, targets = _random_catalog()
+    exact = naive_full_softmax(h, targets, emb, tau=0.2)
+    g_exact = torch.autograd.grad(exact, h)[0]
+    sampler = NegativeSampler(2000)
+    errors, cosines = [], []
+    for k in (50, 500, 20_000):
+        gen = torch.Generator().manual_seed(1)
+        loss = sampled_softmax(h, targets, lambda r: emb[r], sampler, k, tau=0.2, generator=gen)
+        g = torch.autograd.grad(loss, h)[0]
+        errors.append(abs(loss.item() - exact.item()))
+        cosines.append(F.cosine_similarity(g.flatten(), g_exact.flatten(), dim=0).item())
+    assert errors[2] < errors[0] and errors[2] < 0.02 * exact.item()
+    assert cosines[0] < cosines[2] and cosines[2] > 0.99
+
+
+def test_in_batch_negatives_with_mixture_correction_also_converge():
+    emb, h, targets = _random_catalog()
+    exact = naive_full_softmax(h, targets, emb, tau=0.2)
+    pop = torch.bincount(targets, minlength=2000).float() + 1.0
+    gen = torch.Generator().manual_seed(1)
+    loss = sampled_softmax(h, targets, lambda r: emb[r], NegativeSampler(2000), 20_000, tau=0.2,
+                           in_batch_negatives=True, popularity=pop, generator=gen)
+    assert abs(loss.item() - exact.item()) < 0.02 * exact.item()
+
+
+@pytest.mark.parametrize("logq", [True, False])
+def test_logq_correction_removes_popularity_bias(logq):
+    # Free item scores learned from targets ~ p_true with negatives ~ q (popularity). The
+    # sampled-softmax optimum is softmax(s) = p_true with logQ correction, and p_true / q
+    # (renormalised) without it: a known answer either way.
+    torch.manual_seed(0)
+    n, steps = 40, 1000
+    p_true = torch.softmax(torch.randn(n), 0)
+    sampler = NegativeSampler(n, torch.arange(1, n + 1, dtype=torch.float32), alpha=1.0)
+    tilted = p_true / sampler.probs
+    tilted = tilted / tilted.sum()
+    item = torch.nn.Parameter(torch.randn(n, n) * 0.01)
+    h = torch.ones(1, n)
+    opt = torch.optim.Adam([item], lr=0.05)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        t = torch.multinomial(p_true, 256, replacement=True, generator=gen)
+        loss = sampled_softmax(h.expand(256, -1), t, lambda r: item[r], sampler, 64, tau=0.05, logq=logq,
+                               generator=gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        learned = torch.softmax(F.normalize(h, dim=-1) @ F.normalize(item, dim=-1).T / 0.05, dim=-1)[0]
+    tv_true = 0.5 * (learned - p_true).abs().sum().item()
+    tv_tilted = 0.5 * (learned - tilted).abs().sum().item()
+    if logq:
+        assert tv_true < 0.1 and tv_tilted > 0.25, (tv_true, tv_tilted)
+    else:
+        assert tv_tilted < 0.1 and tv_true > 0.25, (tv_true, tv_tilted)
+
+
+def test_accidental_hits_are_masked():
+    emb = torch.eye(4)
+    h = torch.tensor([[1.0, 0, 0, 0]])
+    sampler = NegativeSampler(4)
+    sampler.probs = torch.tensor([1.0, 0, 0, 0])  # always samples item 0 = the target
+    loss = sampled_softmax(h, torch.tensor([0]), lambda r: emb[r], sampler, 5, logq=False)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)  # only the positive is left
+
+
+def test_alignment_loss_hand_computed():
+    zt = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    zm = torch.tensor([[1.0, 0.0], [1.0, 1.0], [5.0, 5.0]])
+    has = torch.tensor([True, True, False])
+    c = 1 / math.sqrt(2)
+    # image 0 vs texts (0, 1): cos = 1, 0 ; image 1 vs texts: cos = c, c
+    l0 = -math.log(math.exp(1 / 0.1) / (math.exp(1 / 0.1) + math.exp(0)))
+    l1 = -math.log(0.5)
+    assert alignment_loss(zm, zt, has, tau=0.1).item() == pytest.approx((l0 + l1) / 2, rel=1e-5)
+    assert alignment_loss(zm, zt, torch.tensor([True, False, False])).item() == 0.0
+
+
+_DIST_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch, torch.distributed as dist
+    from ant_dist.losses import NegativeSampler, sampled_softmax
+    rank = int(sys.argv[1]); out = sys.argv[2]
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[3], rank=rank, world_size=2)
+    torch.manual_seed(0)
+    emb = torch.nn.Parameter(torch.randn(50, 8))
+    h = torch.randn(6, 8)
+    t = torch.arange(6) + 6 * rank
+    gen = torch.Generator().manual_seed(100 + rank)
+    loss = sampled_softmax(h, t, lambda r: emb[r], NegativeSampler(50), 7, tau=0.5, generator=gen,
+                           gather_across_ranks=True)
+    loss.backward()
+    json.dump({"loss": loss.item(), "grad": emb.grad.tolist()}, open(out + str(rank), "w"))
+    dist.destroy_process_group()
+""")
+
+
+def test_cross_rank_negatives_gathered_with_local_gradient(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, "-c", _DIST_SCRIPT, str(r), str(tmp_path / "r"), port])
+             for r in range(2)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    # reference in one process: both ranks' negatives, the other rank's detached
+    torch.manual_seed(0)
+    emb = torch.nn.Parameter(torch.randn(50, 8))
+    h = torch.randn(6, 8)
+    negs = [NegativeSampler(50).sample(7, torch.Generator().manual_seed(100 + r)) for r in range(2)]
+    for rank in range(2):
+        t = torch.arange(6) + 6 * rank
+        e = F.normalize(emb, dim=-1)
+        neg_emb = torch.cat([e[negs[r]] if r == rank else e[negs[r]].detach() for r in range(2)])
+        rows = torch.cat(negs)
+        hn = F.normalize(h, dim=-1)
+        pos = (hn * e[t]).sum(-1, keepdim=True) / 0.5
+        neg = hn @ neg_emb.T / 0.5 - math.log(14 / 50)
+        neg = neg.masked_fill(rows[None] == t[:, None], -math.inf)
+        ref = (torch.logsumexp(torch.cat([pos, neg], 1), 1) - pos[:, 0]).mean()
+        grad = torch.autograd.grad(ref, emb)[0]
+        got = json.load(open(tmp_path / f"r{rank}"))
+        assert got["loss"] == pytest.approx(ref.item(), rel=1e-5)
+        assert np.allclose(got["grad"], grad.numpy(), atol=1e-6)
