@@ -177,13 +177,15 @@ def sampled_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, sam
     """
     device = h.device
     neg_rows = sampler.sample(n_negatives, generator).to(device)
-    neg_emb = _normalise(item_fn(neg_rows))
+    # one item-model pass over the distinct rows of negatives and targets
+    uniq, inverse = torch.cat([neg_rows, targets]).unique(return_inverse=True)
+    emb = _normalise(item_fn(uniq))[inverse]
+    neg_emb, pos_emb = emb[:n_negatives], emb[n_negatives:]
     if gather_across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         neg_emb, neg_rows = _gather_negatives(neg_emb, neg_rows)
     k = len(neg_rows)
     q = sampler.probs.to(device)
     hn = _normalise(h)
-    pos_emb = _normalise(item_fn(targets))
     pos_logit = (hn * pos_emb).sum(-1, keepdim=True) / tau
     cand_rows, cand_emb = neg_rows, neg_emb
     if in_batch_negatives:
