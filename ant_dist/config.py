@@ -162,3 +162,24 @@ def parse_cli(cls: type[T], argv: Optional[Sequence[str]], prog: str, descriptio
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         raise SystemExit(0)
     return cfg
+
+
+# ----------------------------------------------------------------------------- embed
+@dataclass
+class EmbedConfig:
+    shards: str = opt("shards", "root of the packed domains (tools/pack.py output)")
+    domains: list = opt([], "domains to embed, in this order; empty = every packed domain under `shards`")
+    out: str = opt("features", "output root; tables go to <out>/<domain>/")
+    text_encoder: str = opt("???", "local folder of a transformers text model + tokenizer "
+                            "(e.g. a saved bert-base-uncased)")
+    image_encoder: str = opt("???", "local folder of a transformers image model + image processor "
+                             "(e.g. a saved microsoft/swin-base-patch4-window7-224)")
+    text_pooling: str = opt("cls", "text features: cls ([CLS] of the last layer, as UniSRec) | mean "
+                            "(attention-masked mean, for sentence-transformers models)")
+    max_text_tokens: int = opt(128, "texts are truncated to this many tokens")
+    max_images: int = opt(4, "an item with several images gets the mean of the features of up to this many")
+    batch_size: int = opt(64, "items per encoder batch")
+    num_workers: int = opt(2, "DataLoader workers per process (decode images, tokenise texts)")
+    flush_every: int = opt(8, "batches between flushes of the done mask (work lost at most on a kill)")
+    overwrite: bool = opt(False, "discard existing tables instead of resuming or refusing a mismatch")
+    progress: bool = opt(True, "progress bar on the main process")

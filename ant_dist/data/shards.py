@@ -116,7 +116,17 @@ def shard_paths(domain_dir: str | Path) -> list[str]:
     return sorted(str(p) for p in Path(domain_dir).glob("items-*.tar"))
 
 
+def _all_shards(urls):
+    return urls
+
+
 def iter_shard_samples(urls: list[str] | str) -> Iterator[dict]:
-    """Raw samples (bytes values) from shards, in order, through webdataset's own tar reader."""
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    """Raw samples (bytes values) from shards, in order, through webdataset's own tar reader.
+
+    The caller decides which process and worker reads which shard, so webdataset's own
+    node and worker splitting is turned off (inside a DataLoader worker it would otherwise
+    hand this worker only every n-th of the urls given).
+    """
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=_all_shards,
+                             workersplitter=_all_shards)
     yield from dataset

@@ -1,0 +1,304 @@
+"""The embedding pass: shards -> memory-mapped feature tables, on one or many processes.
+
+    python -m ant_dist.embed --config configs/embed.yaml [key=value ...]
+    accelerate launch --num_processes N -m ant_dist.embed --config configs/embed.yaml
+    python -m ant_dist.embed verify features/<domain> [shards/<domain>]
+
+How the work is split: the shards of all domains form one list of units; process r takes
+units r, r + world, ... and its DataLoader workers split those again, so every item is read
+exactly once overall. Workers decode images and tokenise texts; the main thread of each
+process runs the frozen encoders and writes rows straight into the pre-allocated tables.
+
+Resume: rows are marked in done.npy after their features are written; a rerun of the same
+command skips done rows (and whole shards whose rows are all done). A table built with other
+encoders or from other shards is refused with the difference spelled out (`overwrite=true`
+starts over).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .config import EmbedConfig, parse_cli, save_config
+from .data.cleaning import unsafe_key
+from .data.feature_table import (FeatureTableError, FeatureTables, create_tables, describe_mismatch, identity,
+                                 read_catalog, read_manifest, shards_fingerprint, verify, write_manifest)
+from .data.pack import CATALOG
+from .data.shards import iter_shard_samples, shard_paths
+from .encoders import ImageEncoder, TextEncoder, decode_image, encoder_fingerprint, encoder_summary
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def _image_fields(sample: dict) -> list[str]:
+    """Keys holding image bytes: 'jpg', 'png', 'webp', or numbered ones like '1.jpg' (sorted)."""
+    return sorted(k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1] in IMAGE_EXTS)
+
+
+class ShardItems(IterableDataset):
+    """Items of this process's shards, split again across DataLoader workers, done rows skipped."""
+
+    def __init__(self, units: list[tuple[int, str]], feature_dirs: list[str], image_encoder: str,
+                 text_encoder: str, max_text_tokens: int, max_images: int):
+        self.units, self.feature_dirs = units, feature_dirs
+        self.image_encoder, self.text_encoder = image_encoder, text_encoder
+        self.max_text_tokens, self.max_images = max_text_tokens, max_images
+        self._processor = None
+        self._tokenizer = None
+
+    def _lazy(self):
+        if self._processor is None:  # loaded in the worker process, not pickled to it
+            from transformers import AutoImageProcessor, AutoTokenizer
+
+            self._processor = AutoImageProcessor.from_pretrained(self.image_encoder, local_files_only=True)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.text_encoder, local_files_only=True)
+
+    def __iter__(self) -> Iterator[dict]:
+        self._lazy()
+        info = get_worker_info()
+        units = self.units if info is None else self.units[info.id::info.num_workers]
+        done = {d: np.load(Path(self.feature_dirs[d]) / "done.npy", mmap_mode="r") for d, _ in units}
+        for d, url in units:
+            for sample in iter_shard_samples(url):
+                meta = json.loads(sample["json"])
+                row = int(meta["row"])
+                if done[d][row]:
+                    continue
+                images, failed = [], 0
+                for key in _image_fields(sample)[: self.max_images]:
+                    img = decode_image(sample[key])
+                    if img is None:
+                        failed += 1
+                    else:
+                        images.append(img)
+                pixels = self._processor(images=images, return_tensors="pt")["pixel_values"] if images else None
+                yield {"domain": d, "row": row, "text": sample["txt"].decode("utf-8"), "pixels": pixels,
+                       "failed_images": failed, "key": unsafe_key(sample["__key__"])}
+
+    def collate(self, samples: list[dict]) -> dict:
+        self._lazy()
+        tokens = self._tokenizer([s["text"] for s in samples], padding=True, truncation=True,
+                                 max_length=self.max_text_tokens, return_tensors="pt")
+        pix = [s["pixels"] for s in samples if s["pixels"] is not None]
+        owner = torch.cat([torch.full((len(s["pixels"]),), i) for i, s in enumerate(samples)
+                           if s["pixels"] is not None]) if pix else torch.zeros(0, dtype=torch.long)
+        return {"domain": torch.tensor([s["domain"] for s in samples]),
+                "row": torch.tensor([s["row"] for s in samples]),
+                "tokens": dict(tokens), "pixels": torch.cat(pix) if pix else None, "owner": owner,
+                "failed_images": sum(s["failed_images"] for s in samples)}
+
+
+def _domains(cfg: EmbedConfig) -> list[str]:
+    root = Path(cfg.shards)
+    if cfg.domains:
+        names = list(cfg.domains)
+    elif root.is_dir():
+        names = sorted(p.name for p in root.iterdir() if (p / CATALOG).is_file())
+    else:
+        names = []
+    if not names:
+        raise FeatureTableError(f"no packed domains under {root} (a domain needs {CATALOG})")
+    for n in names:
+        if not (root / n / CATALOG).is_file():
+            raise FeatureTableError(f"{root / n} is not a completely packed domain (no {CATALOG})")
+    return names
+
+
+def _wanted_manifest(cfg: EmbedConfig, domain: str, rows: int, text: TextEncoder, image: ImageEncoder,
+                     fingerprints: dict) -> dict:
+    return {"domain": domain, "rows": rows, "dtype": "float16", "complete": False,
+            "shards_dir": str(Path(cfg.shards) / domain),
+            "shards_fingerprint": shards_fingerprint(Path(cfg.shards) / domain),
+            "text": {**encoder_summary(cfg.text_encoder), "fingerprint": fingerprints["text"], "dim": text.dim,
+                     "pooling": cfg.text_pooling, "max_tokens": cfg.max_text_tokens},
+            "image": {**encoder_summary(cfg.image_encoder), "fingerprint": fingerprints["image"],
+                      "dim": image.dim, "pooling": "pooler_output", "max_images": cfg.max_images},
+            "runs": []}
+
+
+def prepare_tables(cfg: EmbedConfig, domains: list[str], text: TextEncoder, image: ImageEncoder) -> list[dict]:
+    """Main process: create, resume or refuse each domain's table. Returns the manifests."""
+    fingerprints = {"text": encoder_fingerprint(cfg.text_encoder), "image": encoder_fingerprint(cfg.image_encoder)}
+    manifests = []
+    for domain in domains:
+        catalog = read_catalog(Path(cfg.shards) / domain)
+        want = _wanted_manifest(cfg, domain, catalog.num_rows, text, image, fingerprints)
+        fdir = Path(cfg.out) / domain
+        have = read_manifest(fdir)
+        if have is not None and not cfg.overwrite:
+            if identity(have) != identity(want):
+                raise FeatureTableError(f"{fdir} was embedded differently and will not be mixed: "
+                                        f"{describe_mismatch(have, want)}. Use overwrite=true to start over.")
+            manifests.append(have)
+            continue
+        price = np.asarray(catalog.column("price_norm").to_numpy(zero_copy_only=False), dtype=np.float32)
+        create_tables(fdir, catalog.num_rows, text.dim, image.dim, price)
+        write_manifest(fdir, want)
+        manifests.append(want)
+    return manifests
+
+
+def _work_units(cfg: EmbedConfig, domains: list[str]) -> list[tuple[int, str]]:
+    """(domain index, shard) for every shard that still has rows to do, in a fixed order."""
+    units = []
+    for d, domain in enumerate(domains):
+        done = np.load(Path(cfg.out) / domain / "done.npy", mmap_mode="r")
+        shard_of = read_catalog(Path(cfg.shards) / domain).column("shard").to_numpy()
+        todo_shards = set(np.unique(shard_of[~np.asarray(done)]).tolist())
+        for url in shard_paths(Path(cfg.shards) / domain):
+            if int(Path(url).stem.split("-")[1]) in todo_shards:
+                units.append((d, url))
+    return units
+
+
+def run(cfg: EmbedConfig) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    accelerator = Accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    domains = _domains(cfg)
+    text = TextEncoder(cfg.text_encoder, cfg.text_pooling, cfg.max_text_tokens)
+    image = ImageEncoder(cfg.image_encoder)
+    text.model.to(device)
+    image.model.to(device)
+    if accelerator.is_main_process:
+        prepare_tables(cfg, domains, text, image)
+        save_config(cfg, Path(cfg.out) / "embed_config.yaml")
+    accelerator.wait_for_everyone()
+
+    feature_dirs = [str(Path(cfg.out) / d) for d in domains]
+    tables = [FeatureTables.open(f) for f in feature_dirs]
+    todo_at_start = [int((~np.asarray(t.done)).sum()) for t in tables]
+    units = _work_units(cfg, domains)[rank::world]
+    dataset = ShardItems(units, feature_dirs, cfg.image_encoder, cfg.text_encoder, cfg.max_text_tokens,
+                         cfg.max_images)
+    workers = min(cfg.num_workers, len(units))
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers, collate_fn=dataset.collate,
+                        persistent_workers=False, prefetch_factor=4 if workers else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    bar = tqdm(total=sum(todo_at_start), desc="embed", unit=" items", disable=not (cfg.progress and
+                                                                                    accelerator.is_main_process))
+    computed, failed, t_encode, pending = 0, 0, 0.0, []
+    t0 = last_bar = time.time()
+    for i, batch in enumerate(loader):
+        t1 = time.time()
+        with autocast:
+            tf = text.forward_tokens({k: v.to(device) for k, v in batch["tokens"].items()})
+            imf = torch.zeros(len(batch["row"]), image.dim, device=device)
+            has = torch.zeros(len(batch["row"]), dtype=torch.bool)
+            if batch["pixels"] is not None:
+                feats = image.forward_pixels(batch["pixels"])
+                owner = batch["owner"].to(device)
+                imf.index_add_(0, owner, feats.float())
+                counts = torch.bincount(owner, minlength=len(batch["row"])).clamp(min=1)
+                imf = imf / counts[:, None]  # mean over an item's images
+                has[batch["owner"].unique()] = True
+        tf, imf = tf.float().cpu().numpy().astype(np.float16), imf.cpu().numpy().astype(np.float16)
+        t_encode += time.time() - t1
+        dom, rows = batch["domain"].numpy(), batch["row"].numpy()
+        for d in np.unique(dom):
+            sel = dom == d
+            tables[d].write(rows[sel], tf[sel], imf[sel], has.numpy()[sel])
+            pending.append((d, rows[sel]))
+        computed += len(rows)
+        failed += batch["failed_images"]
+        if (i + 1) % cfg.flush_every == 0:
+            _flush(tables, pending)
+            pending = []
+        if bar.disable is False and time.time() - last_bar > 0.5:
+            # every process writes the shared done masks: the bar shows all processes' progress
+            bar.n = sum(todo_at_start) - sum(int((~np.asarray(t.done)).sum()) for t in tables)
+            bar.refresh()
+            last_bar = time.time()
+    _flush(tables, pending)
+    seconds = time.time() - t0
+    stats = gather_object([{"rank": rank, "rows": computed, "seconds": round(seconds, 3),
+                            "items_per_s": round(computed / max(seconds, 1e-9), 1),
+                            "encoder_share": round(t_encode / max(seconds, 1e-9), 3), "failed_images": failed}])
+    accelerator.wait_for_everyone()
+    bar.n = sum(todo_at_start) - sum(int((~np.asarray(t.done)).sum()) for t in tables)
+    bar.close()
+    summary = {"processes": world, "per_process": stats, "rows_computed": sum(s["rows"] for s in stats),
+               "seconds": round(seconds, 3)}
+    if accelerator.is_main_process:
+        summary["domains"] = _finish(cfg, domains, tables, todo_at_start, summary)
+        _print_summary(summary)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _flush(tables: list[FeatureTables], pending: list) -> None:
+    for d, rows in pending:
+        tables[d].mark_done(rows)
+
+
+def _finish(cfg: EmbedConfig, domains: list[str], tables: list[FeatureTables], todo_at_start: list[int],
+            summary: dict) -> dict:
+    out = {}
+    for d, domain in enumerate(domains):
+        fdir = Path(cfg.out) / domain
+        manifest = read_manifest(fdir)
+        left = int((~np.asarray(tables[d].done)).sum())
+        catalog_img = read_catalog(Path(cfg.shards) / domain).column("has_image").to_numpy(zero_copy_only=False)
+        has = np.asarray(tables[d].has_image)
+        manifest["complete"] = left == 0
+        manifest["items_with_image"] = int(has.sum())
+        manifest["image_decode_failures"] = int((np.asarray(catalog_img, dtype=bool) & ~has).sum())
+        manifest["runs"].append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": summary["processes"],
+                                 "rows_computed": todo_at_start[d] - left, "seconds": summary["seconds"]})
+        write_manifest(fdir, manifest)
+        if left:
+            raise FeatureTableError(f"{fdir}: {left} rows still missing after the pass")
+        out[domain] = {"rows": manifest["rows"], "rows_computed": todo_at_start[d],
+                       "image_decode_failures": manifest["image_decode_failures"]}
+    return out
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"embedded {summary['rows_computed']} items in {summary['seconds']:.1f}s "
+          f"with {summary['processes']} process(es)")
+    for s in summary["per_process"]:
+        print(f"  process {s['rank']}: {s['rows']} items, {s['items_per_s']:.1f} items/s, "
+              f"{s['encoder_share']:.0%} of the time in the encoders")
+    for domain, d in summary.get("domains", {}).items():
+        print(f"  {domain}: {d['rows']} rows complete ({d['rows_computed']} computed now, "
+              f"{d['image_decode_failures']} undecodable images -> zero image vector)")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args[:1] == ["verify"]:
+        if len(args) not in (2, 3):
+            print("usage: python -m ant_dist.embed verify FEATURES/<domain> [SHARDS/<domain>]", file=sys.stderr)
+            return 2
+        problems = verify(args[1], args[2] if len(args) == 3 else None)
+        for p in problems:
+            print(f"FAIL {args[1]}: {p}")
+        if not problems:
+            print(f"OK {args[1]}")
+        return 1 if problems else 0
+    cfg = parse_cli(EmbedConfig, args, "python -m ant_dist.embed", __doc__)
+    try:
+        run(cfg)
+    except FeatureTableError as exc:
+        print(f"embed: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
