@@ -53,6 +53,7 @@ class SynthConfig:
     missing_image_frac: float = opt(0.08, "fraction of items without an image")
     missing_price_frac: float = opt(0.1, "fraction of items without a price")
     workers: int = opt(2, "processes used to draw images")
+    progress: bool = opt(True, "show progress bars")
 
 
 # ----------------------------------------------------------------------------- pack

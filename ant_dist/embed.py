@@ -191,12 +191,13 @@ def run(cfg: EmbedConfig) -> dict:
         "cpu", enabled=False)
     bar = tqdm(total=sum(todo_at_start), desc="embed", unit=" items", disable=not (cfg.progress and
                                                                                     accelerator.is_main_process))
-    computed, failed, t_encode, pending = 0, 0, 0.0, []
+    computed, failed, t_encode, t_text, pending = 0, 0, 0.0, 0.0, []
     t0 = last_bar = time.time()
     for i, batch in enumerate(loader):
         t1 = time.time()
         with autocast:
             tf = text.forward_tokens({k: v.to(device) for k, v in batch["tokens"].items()})
+            t_text += time.time() - t1
             imf = torch.zeros(len(batch["row"]), image.dim, device=device)
             has = torch.zeros(len(batch["row"]), dtype=torch.bool)
             if batch["pixels"] is not None:
@@ -227,7 +228,8 @@ def run(cfg: EmbedConfig) -> dict:
     seconds = time.time() - t0
     stats = gather_object([{"rank": rank, "rows": computed, "seconds": round(seconds, 3),
                             "items_per_s": round(computed / max(seconds, 1e-9), 1),
-                            "encoder_share": round(t_encode / max(seconds, 1e-9), 3), "failed_images": failed}])
+                            "encoder_share": round(t_encode / max(seconds, 1e-9), 3),
+                            "text_encoder_share": round(t_text / max(seconds, 1e-9), 3), "failed_images": failed}])
     accelerator.wait_for_everyone()
     bar.n = sum(todo_at_start) - sum(int((~np.asarray(t.done)).sum()) for t in tables)
     bar.close()
@@ -272,7 +274,7 @@ def _print_summary(summary: dict) -> None:
           f"with {summary['processes']} process(es)")
     for s in summary["per_process"]:
         print(f"  process {s['rank']}: {s['rows']} items, {s['items_per_s']:.1f} items/s, "
-              f"{s['encoder_share']:.0%} of the time in the encoders")
+              f"{s['encoder_share']:.0%} of the time in the encoders ({s['text_encoder_share']:.0%} text)")
     for domain, d in summary.get("domains", {}).items():
         print(f"  {domain}: {d['rows']} rows complete ({d['rows_computed']} computed now, "
               f"{d['image_decode_failures']} undecodable images -> zero image vector)")

@@ -87,10 +87,14 @@ def metrics_from_ranks(ranks: torch.Tensor | np.ndarray, ks: Sequence[int] = DEF
 
 def full_ranking_metrics(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = DEFAULT_KS,
                          n_items: Optional[int] = None, history: Optional[Sequence[Sequence[int]]] = None,
-                         ) -> dict[str, np.ndarray]:
-    """Per-user metrics from a score matrix; users with a negative (padding) target are dropped."""
+                         exclude_history: bool = True) -> dict[str, np.ndarray]:
+    """Per-user metrics from a score matrix; users with a negative (padding) target are dropped.
+
+    `history` (each user's earlier items) is excluded from the ranking unless
+    `exclude_history=False` (RecBole's setting).
+    """
     valid = targets >= 0
-    hist = None if history is None else [h for h, v in zip(history, valid.tolist()) if v]
+    hist = None if history is None or not exclude_history else [h for h, v in zip(history, valid.tolist()) if v]
     ranks = target_ranks(scores[valid], targets[valid], n_items, hist)
     return metrics_from_ranks(ranks, ks)
 

@@ -23,6 +23,10 @@ def test_history_exclusion_padding_columns_and_padding_users():
     assert ranks.tolist() == [1, 3]  # item 0 excluded (target 1 stays); column 4 never ranked
     m = full_ranking_metrics(scores, torch.tensor([1, -1]), ks=(10,), n_items=4)
     assert len(m["recall@10"]) == 1  # the padding user is dropped
+    m = full_ranking_metrics(scores[:1], torch.tensor([1]), ks=(2,), n_items=4, history=[[0]])
+    assert m["recall@2"].tolist() == [1.0]  # excluded by default: rank 1
+    m = full_ranking_metrics(scores[:1], torch.tensor([1]), ks=(2,), n_items=4, history=[[0]], exclude_history=False)
+    assert m["recall@2"].tolist() == [0.0]  # RecBole's setting: rank 2
 
 
 def test_all_equal_scores_give_the_worst_rank():

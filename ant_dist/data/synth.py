@@ -193,7 +193,7 @@ def write_domain(cfg: SynthConfig, world: dict, domain: str, d_index: int, n_ite
             fh.write(json.dumps(rec) + "\n")
     if cfg.images:
         list(tqdm(pool.imap(_image_job, jobs, chunksize=64), total=len(jobs),
-                  desc=f"images {domain}", unit=" img", mininterval=1))
+                  desc=f"images {domain}", unit=" img", mininterval=1, disable=not cfg.progress))
     seqs = simulate_sequences(rng, world, item_style, n_users, cfg)
     with open(ddir / f"{domain}.csv", "w") as fh:
         for u, seq in enumerate(seqs):
