@@ -29,7 +29,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import EmbedConfig, parse_cli, save_config
-from .data.cleaning import unsafe_key
 from .data.feature_table import (FeatureTableError, FeatureTables, create_tables, describe_mismatch, identity,
                                  read_catalog, read_manifest, shards_fingerprint, verify, write_manifest)
 from .data.pack import CATALOG
@@ -82,7 +81,7 @@ class ShardItems(IterableDataset):
                         images.append(img)
                 pixels = self._processor(images=images, return_tensors="pt")["pixel_values"] if images else None
                 yield {"domain": d, "row": row, "text": sample["txt"].decode("utf-8"), "pixels": pixels,
-                       "failed_images": failed, "key": unsafe_key(sample["__key__"])}
+                       "failed_images": failed}
 
     def collate(self, samples: list[dict]) -> dict:
         self._lazy()
@@ -182,6 +181,9 @@ def run(cfg: EmbedConfig) -> dict:
     tables = [FeatureTables.open(f) for f in feature_dirs]
     todo_at_start = [int((~np.asarray(t.done)).sum()) for t in tables]
     units = _work_units(cfg, domains)[rank::world]
+    # Every process must derive its share from the same done masks: nobody writes before all
+    # have planned, or a fast process could shrink a slow one's view of the work.
+    accelerator.wait_for_everyone()
     dataset = ShardItems(units, feature_dirs, cfg.image_encoder, cfg.text_encoder, cfg.max_text_tokens,
                          cfg.max_images)
     workers = min(cfg.num_workers, len(units))
