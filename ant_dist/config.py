@@ -98,7 +98,8 @@ def format_help(cls: type, prog: str, description: str) -> str:
     for name, tname, default, text in field_help(cls):
         lines.append(f"  {name}={default!r}  ({tname})")
         lines.append(f"      {text}")
-    lines += ["", "  --config FILE   YAML file with any of the options above",
+    lines += ["", "  --NAME          shorthand for NAME=true on a boolean option (e.g. --overwrite)",
+              "  --config FILE   YAML file with any of the options above",
               "  --print-config  print the resolved config and exit", "  -h, --help      this text"]
     return "\n".join(lines)
 
@@ -152,6 +153,10 @@ def parse_cli(cls: type[T], argv: Optional[Sequence[str]], prog: str, descriptio
             raise SystemExit(f"{prog}: --config needs a file")
         config_file = args[i + 1]
         del args[i:i + 2]
+    # `--name` is shorthand for `name=true` on boolean options (e.g. `--overwrite`)
+    bools = {f.name for f in dataclasses.fields(cls) if f.type in (bool, "bool")}
+    args = [f"{a[2:].replace('-', '_')}=true" if a.startswith("--") and a[2:].replace("-", "_") in bools else a
+            for a in args]
     unknown_flags = [a for a in args if a.startswith("-")]
     if unknown_flags:
         raise SystemExit(f"{prog}: unknown flag(s) {unknown_flags}; options are key=value (see --help)")

@@ -66,6 +66,7 @@ def main(argv=None) -> int:
           f"images: a random Swin at {swin})")
     embed = run_embed(EmbedConfig(shards=str(root / "shards"), out=str(root / "features"),
                                   text_encoder=str(minilm_path()), image_encoder=str(swin), text_pooling="mean",
+                                  overwrite=True,  # the demo re-synthesises everything: start the tables over
                                   num_workers=min(cfg.workers, 2), progress=cfg.progress))
     print(f"feature tables: {root / 'features'}/<domain>/ (see docs/embedding.md); "
           f"check one with `python -m ant_dist.embed verify {root / 'features'}/Food`")

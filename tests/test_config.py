@@ -32,3 +32,12 @@ def test_cli_help_lists_every_option(capsys):
     out = capsys.readouterr().out
     for name in PackConfig.__dataclass_fields__:
         assert f"  {name}=" in out
+
+
+def test_boolean_flag_shorthand_and_unknown_flags():
+    from ant_dist.config import EmbedConfig
+
+    cfg = parse_cli(EmbedConfig, ["text_encoder=t", "image_encoder=i", "--overwrite"], "embed", "")
+    assert cfg.overwrite is True
+    with pytest.raises(SystemExit, match="unknown flag"):
+        parse_cli(EmbedConfig, ["text_encoder=t", "image_encoder=i", "--shards"], "embed", "")

@@ -3,6 +3,22 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def sorted_codes(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, code of each value) like np.unique(return_inverse=True), via Arrow.
+
+    Arrow's dictionary encoding avoids building millions of Python strings; its dictionary is
+    in first-seen order, so it is re-ranked to sorted order (UTF-8 byte order = code point order).
+    """
+    enc = pc.dictionary_encode(values)
+    order = np.asarray(pc.sort_indices(enc.dictionary))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    codes = rank[enc.indices.to_numpy(zero_copy_only=False)]
+    return enc.dictionary.take(pa.array(order)).to_numpy(zero_copy_only=False), codes
 
 
 def k_core_filter(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:

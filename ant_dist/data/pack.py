@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ..config import PackConfig, save_config
 from .cleaning import normalise_price
-from .filtering import group_offsets, k_core_filter, most_recent, sort_interactions
+from .filtering import group_offsets, k_core_filter, most_recent, sort_interactions, sorted_codes
 from .raw_readers import FORMATS, InputError, index_images, read_interactions, read_items
 from .report import BadInputLog
 from .shards import SHARD_PATTERN, ShardItem, plan_shards, write_shard
@@ -94,13 +95,14 @@ def pack_domain(cfg: PackConfig) -> dict:
         raise PackError(f"{cfg.domain}: {report['error']}; see {out / REPORT}")
 
     # --- interactions: known items only, exact duplicates once, k-core, time order, last N
-    known = np.fromiter((i in items for i in inter.items), dtype=bool, count=len(inter.items))
+    known = pc.is_in(inter.items, value_set=pa.array(list(items), pa.string())).to_numpy(zero_copy_only=False)
     for i in np.flatnonzero(~known)[: cfg.examples_per_reason]:
-        log.example("unknown_item", cfg.interactions, inter.items[i])
+        log.example("unknown_item", cfg.interactions, inter.items[int(i)].as_py())
     log.skipped["unknown_item"] += int((~known).sum())
-    users, items_col, ts = inter.users[known], inter.items[known], inter.timestamps[known]
-    user_ids, user_codes = np.unique(users.astype(str), return_inverse=True)
-    item_ids, item_codes = np.unique(items_col.astype(str), return_inverse=True)
+    mask = pa.array(known)
+    user_ids, user_codes = sorted_codes(inter.users.filter(mask))
+    item_ids, item_codes = sorted_codes(inter.items.filter(mask))
+    ts = inter.timestamps[known]
     order = sort_interactions(user_codes, ts, item_codes)
     user_codes, item_codes, ts = user_codes[order], item_codes[order], ts[order]
     dup = np.zeros(len(ts), dtype=bool)
