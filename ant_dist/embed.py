@@ -188,7 +188,7 @@ def run(cfg: EmbedConfig) -> dict:
                          cfg.max_images)
     workers = min(cfg.num_workers, len(units))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers, collate_fn=dataset.collate,
-                        persistent_workers=False, prefetch_factor=4 if workers else None)
+                        prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     bar = tqdm(total=sum(todo_at_start), desc="embed", unit=" items", disable=not (cfg.progress and

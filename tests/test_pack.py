@@ -239,3 +239,43 @@ def test_sigkill_then_rerun_is_byte_identical(tmp_path):
 
     subprocess.run(_pack_cmd(raw, out), check=True, capture_output=True)
     assert _snapshot(out / "Food") == reference
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_most_recent_matches_brute_force(seed):
+    from ant_dist.data.filtering import most_recent, sort_interactions
+
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, 30, 2000)
+    ts = rng.integers(0, 50, 2000)  # many ties
+    items = rng.integers(0, 100, 2000)
+    order = sort_interactions(users, ts, items)
+    keep = most_recent(users[order], 50)
+    got = sorted(zip(users[order][keep].tolist(), ts[order][keep].tolist(), items[order][keep].tolist()))
+    expected = []
+    for u in range(30):
+        rows = sorted((t, i) for uu, t, i in zip(users.tolist(), ts.tolist(), items.tolist()) if uu == u)
+        expected += [(u, t, i) for t, i in rows[-50:]]
+    assert got == sorted(expected)
+    assert (~keep).sum() > 0  # some users had more than 50
+
+
+def test_shards_hold_every_catalog_item_once_with_source_bytes(tmp_path):
+    raw = tmp_path / "raw"
+    m = synthesize(SynthConfig(out=str(raw), aux_domains=["Food"], target_domains=[], items_per_domain=400,
+                               users_per_domain=700, image_size=32, progress=False))
+    d = m["aux"][0]
+    pack_domain(PackConfig(domain="Food", meta=d["meta"], interactions=d["interactions"], images=d["images"],
+                           out=str(tmp_path / "s"), shard_max_items=37, workers=2, progress=False))
+    catalog = pq.read_table(tmp_path / "s" / "Food" / "catalog.parquet").to_pylist()
+    samples = list(iter_shard_samples(shard_paths(tmp_path / "s" / "Food")))
+    assert len(shard_paths(tmp_path / "s" / "Food")) == -(-len(catalog) // 37)
+    assert [json.loads(s["json"])["row"] for s in samples] == list(range(len(catalog)))  # once each, in order
+    for s, c in zip(samples, catalog):
+        meta = json.loads(s["json"])
+        assert unsafe_key(s["__key__"]) == meta["item_id"] == c["item_id"]
+        assert meta["has_image"] == c["has_image"] and meta["price"] == c["price"]
+        if c["has_image"]:
+            ext = c["image_ext"]
+            assert s[ext] == (Path(d["images"]) / f"{c['item_id']}.{ext}").read_bytes()
+    assert sum(c["has_image"] for c in catalog) > 0.8 * len(catalog)
