@@ -198,8 +198,8 @@ def test_alignment_loss_hand_computed():
     zt = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     zm = torch.tensor([[1.0, 0.0], [1.0, 1.0], [5.0, 5.0]])
     has = torch.tensor([True, True, False])
-    c = 1 / math.sqrt(2)
-    # image 0 vs texts (0, 1): cos = 1, 0 ; image 1 vs texts: cos = c, c
+    # item 2 has no image and drops out. Image 0 vs texts (0, 1): cos = 1, 0; image 1 vs
+    # texts (0, 1): cos = 1/sqrt(2) both, so its softmax is (1/2, 1/2) whatever tau is.
     l0 = -math.log(math.exp(1 / 0.1) / (math.exp(1 / 0.1) + math.exp(0)))
     l1 = -math.log(0.5)
     assert alignment_loss(zm, zt, has, tau=0.1).item() == pytest.approx((l0 + l1) / 2, rel=1e-5)

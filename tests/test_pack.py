@@ -20,7 +20,7 @@ from PIL import Image
 from ant_dist.config import PackConfig, SynthConfig
 from ant_dist.data.cleaning import unsafe_key
 from ant_dist.data.filtering import k_core_filter
-from ant_dist.data.pack import PackError, pack_domain
+from ant_dist.data.pack import pack_domain
 from ant_dist.data.shards import iter_shard_samples, shard_paths
 from ant_dist.data.synth import synthesize
 

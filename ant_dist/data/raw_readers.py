@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .cleaning import clean_text, item_text, parse_price, validate_price
+from .cleaning import item_text, parse_price, validate_price
 from .report import BadInputLog
 
 FORMATS = ("amazon2018", "amazon2023", "table")
