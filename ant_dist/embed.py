@@ -199,6 +199,8 @@ def run(cfg: EmbedConfig) -> dict:
         t1 = time.time()
         with autocast:
             tf = text.forward_tokens({k: v.to(device) for k, v in batch["tokens"].items()})
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # GPU work is asynchronous: time it when it is done
             t_text += time.time() - t1
             imf = torch.zeros(len(batch["row"]), image.dim, device=device)
             has = torch.zeros(len(batch["row"]), dtype=torch.bool)
@@ -245,8 +247,12 @@ def run(cfg: EmbedConfig) -> dict:
 
 
 def _flush(tables: list[FeatureTables], pending: list) -> None:
+    """Mark the pending rows done: one flush of each touched table, not one per batch."""
+    by_domain: dict[int, list[np.ndarray]] = {}
     for d, rows in pending:
-        tables[d].mark_done(rows)
+        by_domain.setdefault(int(d), []).append(rows)
+    for d, parts in by_domain.items():
+        tables[d].mark_done(np.concatenate(parts))
 
 
 def _finish(cfg: EmbedConfig, domains: list[str], tables: list[FeatureTables], todo_at_start: list[int],
