@@ -20,7 +20,7 @@ from PIL import Image
 from ant_dist.config import PackConfig, SynthConfig
 from ant_dist.data.cleaning import unsafe_key
 from ant_dist.data.filtering import k_core_filter
-from ant_dist.data.pack import pack_domain
+from ant_dist.data.pack import PackError, pack_domain
 from ant_dist.data.shards import iter_shard_samples, shard_paths
 from ant_dist.data.synth import synthesize
 
@@ -140,6 +140,15 @@ def test_too_much_bad_input_is_a_clear_error_and_writes_no_catalog(tmp_path):
     assert "malformed" in proc.stderr and "max_bad_fraction" in proc.stderr
     assert not (out / "Test" / "catalog.parquet").exists()
     assert json.loads((out / "Test" / "pack_report.json").read_text())["status"] == "failed"
+
+
+def test_nothing_left_after_k_core_is_an_error(tmp_path):
+    meta, ratings, images = _amazon2018(tmp_path)
+    cfg = PackConfig(domain="Test", meta=str(meta), interactions=str(ratings), out=str(tmp_path / "o"),
+                     min_core=50, max_bad_fraction=0.5, workers=1, progress=False)
+    with pytest.raises(PackError, match="no interactions survive 50-core"):
+        pack_domain(cfg)
+    assert not (tmp_path / "o" / "Test" / "catalog.parquet").exists()
 
 
 def test_amazon2023_format(tmp_path):

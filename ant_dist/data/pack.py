@@ -116,6 +116,13 @@ def pack_domain(cfg: PackConfig) -> dict:
     truncated = int((~recent).sum())
     user_codes, item_codes, ts = user_codes[recent], item_codes[recent], ts[recent]
 
+    if len(ts) == 0:
+        report.update(log.as_dict(), status="failed",
+                      error=f"no interactions survive {cfg.min_core}-core filtering "
+                            f"({n_before} known interactions before it)")
+        _write_json(report, out / REPORT)
+        raise PackError(f"{cfg.domain}: {report['error']}; see {out / REPORT}")
+
     # --- rows: kept items in item-id order
     kept_items = np.unique(item_codes)
     row_of = np.full(len(item_ids), -1, dtype=np.int64)
