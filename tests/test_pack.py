@@ -151,6 +151,16 @@ def test_nothing_left_after_k_core_is_an_error(tmp_path):
     assert not (tmp_path / "o" / "Test" / "catalog.parquet").exists()
 
 
+def test_truncated_gzip_metadata_is_counted_not_fatal(tmp_path):
+    meta, ratings, images = _amazon2018(tmp_path)
+    data = gzip.compress(b"\n".join(json.dumps({"asin": f"A{i}", "title": f"t{i}"}).encode() for i in range(1, 8)))
+    meta.write_bytes(data[: len(data) - 12])  # cut inside the stream (CRC and size trailer gone)
+    report = pack_domain(PackConfig(domain="Test", meta=str(meta), interactions=str(ratings), out=str(tmp_path / "o"),
+                                    min_core=2, max_bad_fraction=0.5, workers=1, progress=False))
+    assert report["skipped"]["corrupt_file"] == 1
+    assert report["examples"]["corrupt_file"][0].startswith("meta_Test.json.gz:")
+
+
 def test_amazon2023_format(tmp_path):
     meta = tmp_path / "meta_X.jsonl"
     meta.write_text("\n".join(json.dumps(r) for r in [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -52,6 +53,17 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+def _lines_until_corrupt(fh, path: Path, log: BadInputLog) -> Iterator[bytes]:
+    """Lines of a (possibly gzipped) file; a truncated or corrupt gzip stream ends the file
+    early and is counted (`corrupt_file`) instead of aborting the whole pack."""
+    lineno = 0
+    try:
+        for lineno, raw in enumerate(fh, start=1):
+            yield raw
+    except (EOFError, OSError, zlib.error) as exc:
+        log.skip("corrupt_file", f"{path.name}:{lineno + 1}", f"{type(exc).__name__}: {exc}")
+
+
 def iter_json_lines(path: Path, log: BadInputLog, progress: bool = True) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each line that is a JSON object; the rest are counted.
 
@@ -59,7 +71,8 @@ def iter_json_lines(path: Path, log: BadInputLog, progress: bool = True) -> Iter
     record is usually fine.
     """
     with _open_binary(path) as fh:
-        bar = tqdm(fh, desc=f"read {path.name}", unit=" lines", disable=not progress, mininterval=1)
+        bar = tqdm(_lines_until_corrupt(fh, path, log), desc=f"read {path.name}", unit=" lines",
+                   disable=not progress, mininterval=1)
         for lineno, raw in enumerate(bar, start=1):
             if not raw.strip():
                 continue
@@ -254,7 +267,7 @@ def _interactions_from_csv(path: Path, log: BadInputLog, names: Optional[list[st
                                    strings_can_be_null=True)
     try:
         table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
-    except pa.ArrowInvalid as exc:
+    except (pa.ArrowInvalid, OSError, EOFError) as exc:
         raise InputError(f"{path}: cannot parse as CSV: {exc}") from None
     missing = [c for c in want if c not in table.column_names]
     if missing:
