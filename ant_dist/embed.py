@@ -29,8 +29,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import EmbedConfig, parse_cli, save_config
-from .data.feature_table import (FeatureTableError, FeatureTables, create_tables, describe_mismatch, identity,
-                                 read_catalog, read_manifest, shards_fingerprint, verify, write_manifest)
+from .data.feature_table import (FeatureTableError, FeatureTables, catalog_array, create_tables, describe_mismatch,
+                                 identity, read_catalog, read_manifest, shards_fingerprint, verify, write_manifest)
 from .data.pack import CATALOG
 from .data.shards import iter_shard_samples, shard_paths
 from .encoders import ImageEncoder, TextEncoder, decode_image, encoder_fingerprint, encoder_summary
@@ -139,7 +139,7 @@ def prepare_tables(cfg: EmbedConfig, domains: list[str], text: TextEncoder, imag
                                         f"{describe_mismatch(have, want)}. Use overwrite=true to start over.")
             manifests.append(have)
             continue
-        price = np.asarray(catalog.column("price_norm").to_numpy(zero_copy_only=False), dtype=np.float32)
+        price = catalog_array(catalog, "price_norm", np.float32)
         create_tables(fdir, catalog.num_rows, text.dim, image.dim, price)
         write_manifest(fdir, want)
         manifests.append(want)
@@ -179,7 +179,7 @@ def run(cfg: EmbedConfig) -> dict:
 
     feature_dirs = [str(Path(cfg.out) / d) for d in domains]
     tables = [FeatureTables.open(f) for f in feature_dirs]
-    todo_at_start = [int((~np.asarray(t.done)).sum()) for t in tables]
+    todo_at_start = [t.rows_left() for t in tables]
     units = _work_units(cfg, domains)[rank::world]
     # Every process must derive its share from the same done masks: nobody writes before all
     # have planned, or a fast process could shrink a slow one's view of the work.
@@ -225,7 +225,7 @@ def run(cfg: EmbedConfig) -> dict:
             pending = []
         if bar.disable is False and time.time() - last_bar > 0.5:
             # every process writes the shared done masks: the bar shows all processes' progress
-            bar.n = sum(todo_at_start) - sum(int((~np.asarray(t.done)).sum()) for t in tables)
+            bar.n = sum(todo_at_start) - sum(t.rows_left() for t in tables)
             bar.refresh()
             last_bar = time.time()
     _flush(tables, pending)
@@ -235,7 +235,7 @@ def run(cfg: EmbedConfig) -> dict:
                             "encoder_share": round(t_encode / max(seconds, 1e-9), 3),
                             "text_encoder_share": round(t_text / max(seconds, 1e-9), 3), "failed_images": failed}])
     accelerator.wait_for_everyone()
-    bar.n = sum(todo_at_start) - sum(int((~np.asarray(t.done)).sum()) for t in tables)
+    bar.n = sum(todo_at_start) - sum(t.rows_left() for t in tables)
     bar.close()
     summary = {"processes": world, "per_process": stats, "rows_computed": sum(s["rows"] for s in stats),
                "seconds": round(seconds, 3)}
@@ -261,12 +261,12 @@ def _finish(cfg: EmbedConfig, domains: list[str], tables: list[FeatureTables], t
     for d, domain in enumerate(domains):
         fdir = Path(cfg.out) / domain
         manifest = read_manifest(fdir)
-        left = int((~np.asarray(tables[d].done)).sum())
-        catalog_img = read_catalog(Path(cfg.shards) / domain).column("has_image").to_numpy(zero_copy_only=False)
+        left = tables[d].rows_left()
+        catalog_img = catalog_array(read_catalog(Path(cfg.shards) / domain), "has_image", bool)
         has = np.asarray(tables[d].has_image)
         manifest["complete"] = left == 0
         manifest["items_with_image"] = int(has.sum())
-        manifest["image_decode_failures"] = int((np.asarray(catalog_img, dtype=bool) & ~has).sum())
+        manifest["image_decode_failures"] = int((catalog_img & ~has).sum())
         manifest["runs"].append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "processes": summary["processes"],
                                  "rows_computed": todo_at_start[d] - left, "seconds": summary["seconds"]})
         write_manifest(fdir, manifest)

@@ -49,6 +49,11 @@ def read_catalog(domain_dir: str | Path):
     return pq.read_table(Path(domain_dir) / CATALOG)
 
 
+def catalog_array(catalog, column: str, dtype) -> np.ndarray:
+    """One catalog column as a numpy array (nulls become NaN for floats)."""
+    return np.asarray(catalog.column(column).to_numpy(zero_copy_only=False), dtype=dtype)
+
+
 def read_manifest(feature_dir: str | Path) -> Optional[dict]:
     p = Path(feature_dir) / MANIFEST
     return json.loads(p.read_text()) if p.is_file() else None
@@ -112,6 +117,10 @@ class FeatureTables:
         self.image[rows] = image
         self.has_image[rows] = has_image
 
+    def rows_left(self) -> int:
+        """Rows not yet done (read from the shared mask, so it counts every process's work)."""
+        return int((~np.asarray(self.done)).sum())
+
     def mark_done(self, rows: np.ndarray) -> None:
         # features reach the file before the flags that vouch for them
         self.text.flush()
@@ -147,12 +156,12 @@ def verify(feature_dir: str | Path, shards_dir: Optional[str | Path] = None, blo
         problems.append("manifest says complete: false")
     rows = manifest["rows"]
     arrays = {}
-    for name in ("text", "image", "price", "has_image", "done"):
+    for name in TABLES:
         try:
             arrays[name] = np.load(d / f"{name}.npy", mmap_mode="r")
         except (OSError, ValueError) as exc:
             problems.append(f"{name}.npy unreadable: {exc}")
-    if problems and len(arrays) < 5:
+    if problems and len(arrays) < len(TABLES):
         return problems
     expect = {"text": (rows, manifest["text"]["dim"]), "image": (rows, manifest["image"]["dim"]),
               "price": (rows,), "has_image": (rows,), "done": (rows,)}
@@ -188,11 +197,11 @@ def verify(feature_dir: str | Path, shards_dir: Optional[str | Path] = None, blo
         elif shards_fingerprint(shards_dir) != manifest["shards_fingerprint"]:
             problems.append(f"the shards in {shards_dir} changed since this table was embedded")
         else:
-            price = np.asarray(catalog.column("price_norm").to_numpy(zero_copy_only=False), dtype=np.float32)
+            price = catalog_array(catalog, "price_norm", np.float32)
             if not np.array_equal(np.isnan(price), np.isnan(arrays["price"])) or \
                     not np.allclose(price[~np.isnan(price)], arrays["price"][~np.isnan(price)]):
                 problems.append("price.npy disagrees with the catalog")
-            cat_img = np.asarray(catalog.column("has_image").to_numpy(zero_copy_only=False), dtype=bool)
+            cat_img = catalog_array(catalog, "has_image", bool)
             if (arrays["has_image"] & ~cat_img).any():
                 problems.append("has_image is true for items the catalog lists without an image")
     return problems

@@ -54,6 +54,13 @@ def _write_json(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _fail(report: dict, log: BadInputLog, out: Path, error: str) -> None:
+    """Record a failed pack in pack_report.json (no catalog is written) and stop."""
+    report.update(log.as_dict(), status="failed", error=error)
+    _write_json(report, out / REPORT)
+    raise PackError(f"{report['domain']}: {error}; see {out / REPORT}")
+
+
 def _write_shard_job(args):
     return write_shard(*args)
 
@@ -88,11 +95,8 @@ def pack_domain(cfg: PackConfig) -> dict:
     bad_fracs = {"meta": meta_bad / max(meta_records, 1), "interactions": inter_bad / max(inter.total_rows, 1)}
     worst = max(bad_fracs, key=bad_fracs.get)
     if bad_fracs[worst] > cfg.max_bad_fraction:
-        report.update(log.as_dict(), status="failed",
-                      error=f"{bad_fracs[worst]:.1%} of {worst} records are malformed "
-                            f"(max_bad_fraction={cfg.max_bad_fraction})")
-        _write_json(report, out / REPORT)
-        raise PackError(f"{cfg.domain}: {report['error']}; see {out / REPORT}")
+        _fail(report, log, out, f"{bad_fracs[worst]:.1%} of {worst} records are malformed "
+                                f"(max_bad_fraction={cfg.max_bad_fraction})")
 
     # --- interactions: known items only, exact duplicates once, k-core, time order, last N
     known = pc.is_in(inter.items, value_set=pa.array(list(items), pa.string())).to_numpy(zero_copy_only=False)
@@ -117,11 +121,8 @@ def pack_domain(cfg: PackConfig) -> dict:
     user_codes, item_codes, ts = user_codes[recent], item_codes[recent], ts[recent]
 
     if len(ts) == 0:
-        report.update(log.as_dict(), status="failed",
-                      error=f"no interactions survive {cfg.min_core}-core filtering "
-                            f"({n_before} known interactions before it)")
-        _write_json(report, out / REPORT)
-        raise PackError(f"{cfg.domain}: {report['error']}; see {out / REPORT}")
+        _fail(report, log, out, f"no interactions survive {cfg.min_core}-core filtering "
+                                f"({n_before} known interactions before it)")
 
     # --- rows: kept items in item-id order
     kept_items = np.unique(item_codes)
