@@ -19,7 +19,8 @@ import torch.nn.functional as F
 ItemFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor:
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """Unit vectors in float32: every score in training and evaluation is a cosine of these."""
     return F.normalize(x.float(), dim=-1)
 
 
@@ -51,7 +52,7 @@ class _FullSoftmax(torch.autograd.Function):
             snapshots.append(_RNGSnapshot(h.device))
             rows = torch.arange(start, end, device=h.device)
             with torch.no_grad():
-                e = _normalise(item_fn(rows))
+                e = normalise(item_fn(rows))
                 logits = (h @ e.T) / tau
                 # streamed log-sum-exp: rescale the running sum to the new maximum
                 new_max = torch.maximum(running_max, logits.max(dim=1).values)
@@ -80,7 +81,7 @@ class _FullSoftmax(torch.autograd.Function):
             ctx.snapshots[i].restore()
             rows = torch.arange(start, end, device=h.device)
             with torch.enable_grad():
-                e = _normalise(ctx.item_fn(rows))
+                e = normalise(ctx.item_fn(rows))
             ed = e.detach()
             logits = (h @ ed.T) / ctx.tau
             # d loss_i / d logit_ij = softmax_ij - [j == target_i], scaled by the incoming grad
@@ -110,14 +111,14 @@ def full_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, n_item
     """
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= n_items):
         raise ValueError("targets must be catalog rows in [0, n_items)")
-    loss = _FullSoftmax.apply(_normalise(h), targets, item_fn, n_items, chunk, tau, *params)
+    loss = _FullSoftmax.apply(normalise(h), targets, item_fn, n_items, chunk, tau, *params)
     return _reduce(loss, reduction)
 
 
 def naive_full_softmax(h: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor,
                        tau: float = 0.07, reduction: str = "mean") -> torch.Tensor:
     """Reference: dense logits over the whole catalog (for tests and small catalogs)."""
-    logits = _normalise(h) @ _normalise(item_emb).T / tau
+    logits = normalise(h) @ normalise(item_emb).T / tau
     return F.cross_entropy(logits, targets, reduction=reduction)
 
 
@@ -179,13 +180,13 @@ def sampled_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, sam
     neg_rows = sampler.sample(n_negatives, generator).to(device)
     # one item-model pass over the distinct rows of negatives and targets
     uniq, inverse = torch.cat([neg_rows, targets]).unique(return_inverse=True)
-    emb = _normalise(item_fn(uniq))[inverse]
+    emb = normalise(item_fn(uniq))[inverse]
     neg_emb, pos_emb = emb[:n_negatives], emb[n_negatives:]
     if gather_across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         neg_emb, neg_rows = _gather_negatives(neg_emb, neg_rows)
     k = len(neg_rows)
     q = sampler.probs.to(device)
-    hn = _normalise(h)
+    hn = normalise(h)
     pos_logit = (hn * pos_emb).sum(-1, keepdim=True) / tau
     cand_rows, cand_emb = neg_rows, neg_emb
     if in_batch_negatives:
@@ -217,6 +218,6 @@ def alignment_loss(z_image: torch.Tensor, z_text: torch.Tensor, has_image: torch
     keep = has_image.bool()
     if int(keep.sum()) < 2:
         return z_image.sum() * 0.0
-    zm, zt = _normalise(z_image[keep]), _normalise(z_text[keep])
+    zm, zt = normalise(z_image[keep]), normalise(z_text[keep])
     logits = zm @ zt.T / tau
     return F.cross_entropy(logits, torch.arange(len(zm), device=logits.device))

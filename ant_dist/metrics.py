@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from scipy import stats
 
+from .losses import normalise
+
 DEFAULT_KS = (10, 20, 50)
 
 
@@ -51,9 +53,9 @@ def chunked_target_ranks(users: torch.Tensor, targets: torch.Tensor,
     score computed inside a chunk could break a true tie either way; scores within
     `tie_eps` of the target's count as ties, i.e. against the target (pessimistic).
     """
-    un = torch.nn.functional.normalize(users.float(), dim=-1)
+    un = normalise(users)
     t = targets.long()
-    target_score = (un * torch.nn.functional.normalize(item_fn(t).float(), dim=-1)).sum(-1)
+    target_score = (un * normalise(item_fn(t))).sum(-1)
     ranks = torch.zeros(len(t), dtype=torch.long, device=users.device)
     excl = None
     if history is not None:
@@ -61,7 +63,7 @@ def chunked_target_ranks(users: torch.Tensor, targets: torch.Tensor,
                 for u, rows in enumerate(history)]
     for start in range(0, n_items, chunk):
         end = min(start + chunk, n_items)
-        e = torch.nn.functional.normalize(item_fn(torch.arange(start, end, device=users.device)).float(), dim=-1)
+        e = normalise(item_fn(torch.arange(start, end, device=users.device)))
         s = un @ e.T
         idx = ((t >= start) & (t < end)).nonzero(as_tuple=True)[0]
         s[idx, t[idx] - start] = -torch.inf
