@@ -189,3 +189,72 @@ class EmbedConfig:
     flush_every: int = opt(8, "batches between flushes of the done mask (work lost at most on a kill)")
     overwrite: bool = opt(False, "discard existing tables instead of resuming or refusing a mismatch")
     progress: bool = opt(True, "progress bar on the main process")
+
+
+# ----------------------------------------------------------------------------- pretrain
+@dataclass
+class PretrainConfig:
+    # data
+    shards: str = opt("shards", "root of the packed domains (tools/pack.py output)")
+    features: str = opt("features", "root of the feature tables (ant_dist.embed output)")
+    domains: list = opt(["Food", "Movies", "Home", "Clothing"],
+                        "auxiliary domains joined into one catalog, in this order (row offsets follow it)")
+    out: str = opt("runs", "runs root; this run is <out>/<run_name>/")
+    run_name: str = opt("pretrain", "run folder name (also the W&B run name; the W&B id derives from the folder)")
+    features_on: str = opt("auto", "where item features live: device (gathered on the training device) | "
+                           "mmap (memory-mapped tables, gathered in loader workers) | auto (device when they "
+                           "fit in features_device_max_gb)")
+    features_device_max_gb: float = opt(1.0, "auto puts features on the device when they take at most this "
+                                        "(on CPU 'device' is RAM: raise it on a GPU, where 2.4 GB fit easily)")
+    num_workers: int = opt(1, "DataLoader workers per process (build batches, draw negatives, gather mmap features)")
+    # model
+    hidden: int = opt(256, "hidden size of the item and user models")
+    n_layers: int = opt(2, "SASRec self-attention layers")
+    n_heads: int = opt(2, "SASRec attention heads")
+    max_len: int = opt(50, "longest input sequence; longer ones keep their most recent items")
+    dropout: float = opt(0.5, "SASRec dropout")
+    irl_dropout: float = opt(0.2, "input dropout of the item-model experts")
+    n_experts: int = opt(8, "experts per modality (n_h)")
+    beta: float = opt(0.3, "weight of the text-image fusion term")
+    gate_noise: bool = opt(True, "Gaussian gate noise while training (turn off only for exactness checks)")
+    # loss
+    loss: str = opt("sampled", "sampled (sampled softmax over the full joint catalog, logQ-corrected) | "
+                    "exact (full softmax over every item, chunked)")
+    n_negatives: int = opt(1024, "K: negatives each process draws per step (all processes' K x world are shared)")
+    sampler: str = opt("popularity", "negative proposal: uniform | popularity ((train count + 1)^sampler_alpha)")
+    sampler_alpha: float = opt(0.75, "exponent of the popularity proposal")
+    in_batch_negatives: bool = opt(False, "also use the batch's targets as negatives (mixture-corrected)")
+    gather_negatives: bool = opt(True, "all-gather negatives across processes (gradient flows back to each owner)")
+    shared_negatives: bool = opt(False, "every process draws the same K negatives per step and nothing is "
+                                 "gathered (a fixed negative set: used to check data-parallel equivalence)")
+    tau: float = opt(0.07, "softmax temperature")
+    align_weight: float = opt(1e-3, "lambda, weight of the text-image alignment loss R_c (over the step's items)")
+    exact_chunk: int = opt(8192, "catalog rows per chunk of the exact loss and of the evaluation")
+    # optimisation
+    batch_size: int = opt(2048, "sequences per optimizer step over ALL processes (each takes an equal share)")
+    lr: float = opt(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    schedule: str = opt("cosine", "cosine (linear warmup, cosine to min_lr_ratio) | epoch_decay (warmup, then "
+                        "lr x epoch_decay per epoch) | constant (warmup, then flat)")
+    warmup_steps: int = opt(50, "linear warmup steps")
+    min_lr_ratio: float = opt(0.1, "cosine ends at lr x this")
+    epoch_decay: float = opt(0.9, "per-epoch factor of the epoch_decay schedule")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    max_epochs: int = opt(10, "stop after this many epochs")
+    max_steps: int = opt(0, "stop after this many optimizer steps (0 = no limit)")
+    precision: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    seed: int = opt(0, "seed of the data order, negatives, dropout and initialisation")
+    # evaluation, checkpoints, monitoring
+    eval_every: int = opt(0, "validate every N steps (0 = at the end of each epoch)")
+    eval_users: int = opt(2000, "validation users per domain (a fixed random subset; 0 = all)")
+    exclude_history: bool = opt(True, "remove a user's earlier items from the ranking (RecBole: false)")
+    checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end; 0 = only at the end)")
+    keep_checkpoints: int = opt(2, "keep the newest K checkpoints")
+    resume: str = opt("auto", "auto (continue from the newest complete checkpoint if there is one) | never "
+                      "(refuse a run folder that has checkpoints) | a checkpoint folder")
+    tracker: str = opt("wandb", "wandb (offline when no API key is configured) | tensorboard | none")
+    wandb_project: str = opt("ant-dist", "W&B project")
+    log_every: int = opt(10, "log training figures every N steps")
+    progress: bool = opt(True, "tqdm progress line on the main process")
+    trace_batches: bool = opt(False, "write each process's trained sequence ids per step to trace/ (for checks)")
+    fail_at_step: int = opt(0, "testing aid: make the loss non-finite at this step (0 = never)")

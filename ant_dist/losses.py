@@ -134,13 +134,21 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- sampled
 class NegativeSampler:
-    """Draws negatives from the full catalog: uniform, or proportional to popularity^alpha."""
+    """Draws negatives from the full catalog: uniform, or proportional to (popularity + smoothing)^alpha.
 
-    def __init__(self, n_items: int, popularity: Optional[torch.Tensor] = None, alpha: float = 0.0):
+    The smoothing keeps every item drawable: an item with no training interactions would
+    otherwise have q = 0, never appear as a negative, and the sampled loss could not approach
+    the exact one however large K grows.
+    """
+
+    def __init__(self, n_items: int, popularity: Optional[torch.Tensor] = None, alpha: float = 0.0,
+                 smoothing: float = 1.0):
         if popularity is None or alpha == 0.0:
             self.probs = torch.full((n_items,), 1.0 / n_items)
         else:
-            w = popularity.double().clamp(min=0) ** alpha
+            if smoothing < 0:
+                raise ValueError("smoothing must be >= 0")
+            w = (popularity.double().clamp(min=0) + smoothing) ** alpha
             if w.sum() <= 0:
                 raise ValueError("popularity must have a positive entry")
             self.probs = (w / w.sum()).float()
@@ -150,13 +158,42 @@ class NegativeSampler:
         return torch.multinomial(self.probs, k, replacement=True, generator=generator)
 
 
-def _gather_negatives(neg_emb: torch.Tensor, neg_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ranks' negatives; the gradient flows only into this rank's slice."""
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for each slice (an all-reduce), so a
+    rank's negatives get the gradient from all ranks' rows. Written out rather than
+    torch.distributed.nn's, whose backward path differs per backend; this one works on gloo."""
+
+    @staticmethod
+    def forward(ctx, x):
+        world = dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), len(x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def _gather_negatives(neg_emb: torch.Tensor, neg_rows: torch.Tensor,
+                      full_gradient: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' negatives (every rank must draw the same number).
+
+    full_gradient=False: the gradient flows only into this rank's slice (the other ranks'
+    negatives are constants here; common and cheaper, but not the global batch's gradient).
+    full_gradient=True: each slice gets the sum over ranks, so with data-parallel gradient
+    averaging and a loss scaled by world size the update equals one big batch's.
+    """
     world, rank = dist.get_world_size(), dist.get_rank()
-    embs = [torch.empty_like(neg_emb) for _ in range(world)]
     rows = [torch.empty_like(neg_rows) for _ in range(world)]
-    dist.all_gather(embs, neg_emb.detach().contiguous())
     dist.all_gather(rows, neg_rows.contiguous())
+    if full_gradient:
+        return _AllGatherWithGrad.apply(neg_emb), torch.cat(rows)
+    embs = [torch.empty_like(neg_emb) for _ in range(world)]
+    dist.all_gather(embs, neg_emb.detach().contiguous())
     embs[rank] = neg_emb
     return torch.cat(embs), torch.cat(rows)
 
@@ -165,7 +202,8 @@ def sampled_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, sam
                     n_negatives: int, tau: float = 0.07, logq: bool = True,
                     in_batch_negatives: bool = False, popularity: Optional[torch.Tensor] = None,
                     gather_across_ranks: bool = False, generator: Optional[torch.Generator] = None,
-                    reduction: str = "mean") -> torch.Tensor:
+                    reduction: str = "mean", negatives: Optional[torch.Tensor] = None,
+                    gather_full_gradient: bool = False) -> torch.Tensor:
     """Cross entropy over {target} + negatives shared by the batch, sampled from the catalog.
 
     With logQ correction, negative j's logit becomes s_j - log(K q_j): then
@@ -174,16 +212,23 @@ def sampled_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, sam
     accidental hit) is masked out for that row. `in_batch_negatives` adds the batch's targets
     as extra negatives (mixed negative sampling); they are drawn from the data distribution,
     estimated by `popularity`, and the correction uses the mixture log(K q_j + B p_j).
-    `gather_across_ranks` all-gathers every rank's sampled negatives (K x world in total).
+    `gather_across_ranks` all-gathers every rank's sampled negatives (K x world in total);
+    `gather_full_gradient` sends each rank's gradient back to the negatives' owners.
+    `negatives` (K,) are pre-drawn catalog rows (e.g. by a data-loader worker) used instead of
+    drawing `n_negatives` from `sampler`; `sampler.probs` still gives q for the correction.
     """
     device = h.device
-    neg_rows = sampler.sample(n_negatives, generator).to(device)
+    if negatives is not None:
+        neg_rows = negatives.to(device)
+        n_negatives = len(neg_rows)
+    else:
+        neg_rows = sampler.sample(n_negatives, generator).to(device)
     # one item-model pass over the distinct rows of negatives and targets
     uniq, inverse = torch.cat([neg_rows, targets]).unique(return_inverse=True)
     emb = normalise(item_fn(uniq))[inverse]
     neg_emb, pos_emb = emb[:n_negatives], emb[n_negatives:]
     if gather_across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        neg_emb, neg_rows = _gather_negatives(neg_emb, neg_rows)
+        neg_emb, neg_rows = _gather_negatives(neg_emb, neg_rows, gather_full_gradient)
     k = len(neg_rows)
     q = sampler.probs.to(device)
     hn = normalise(h)
@@ -199,7 +244,8 @@ def sampled_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, sam
             if popularity is None:
                 raise ValueError("in_batch_negatives with logq needs item popularity")
             p = popularity.to(device).double()
-            expected = expected + len(targets) * (p / p.sum())[cand_rows].float()
+            # a row's own target is masked, so only the other B - 1 in-batch draws can be its negatives
+            expected = expected + max(len(targets) - 1, 0) * (p / p.sum())[cand_rows].float()
         neg_logit = neg_logit - torch.log(expected)
     neg_logit = neg_logit.masked_fill(cand_rows[None, :] == targets[:, None], -math.inf)
     logits = torch.cat([pos_logit, neg_logit], dim=1)

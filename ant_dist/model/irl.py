@@ -65,8 +65,9 @@ class MoEAdaptor(nn.Module):
     """
 
     def __init__(self, in_dim: int, out_dim: int, n_heads: int = 8, kind: str = "whitening",
-                 dropout: float = 0.2):
+                 dropout: float = 0.2, gate_noise: bool = True):
         super().__init__()
+        self.gate_noise = gate_noise
         if kind not in ("whitening", "linear"):
             raise ValueError(f"unknown expert kind {kind!r}")
         self.kind, self.n_heads = kind, n_heads
@@ -88,7 +89,7 @@ class MoEAdaptor(nn.Module):
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         logits = x @ self.w_gate
-        if self.training:
+        if self.training and self.gate_noise:
             std = F.softplus(x @ self.w_noise) + GATE_NOISE_FLOOR
             logits = logits + torch.randn_like(logits) * std
         return torch.softmax(logits, dim=-1)
@@ -131,6 +132,8 @@ class IRLConfig:
     n_heads: int = 8
     dropout: float = 0.2
     beta: float = 0.3
+    # Gaussian gate noise while training (eqs. 6-7); off only for exactness tests of the trainer
+    gate_noise: bool = True
     # ablations (paper Table IV): a disabled modality gets a zero input vector
     use_text: bool = True
     use_image: bool = True
@@ -156,7 +159,7 @@ class IRL(nn.Module):
 
         def adaptor(in_dim: int, kind: str) -> nn.Module:
             if cfg.use_moe:
-                return MoEAdaptor(in_dim, cfg.hidden, cfg.n_heads, kind, cfg.dropout)
+                return MoEAdaptor(in_dim, cfg.hidden, cfg.n_heads, kind, cfg.dropout, cfg.gate_noise)
             return LinearAdaptor(in_dim, cfg.hidden, cfg.dropout)
 
         self.price_encoder = PriceEncoder(cfg.price_dim, cfg.price_omega)

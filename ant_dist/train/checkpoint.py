@@ -1,0 +1,147 @@
+"""Checkpoints (atomic, newest K kept), resume, and the exported model/ for re-learning.
+
+Layout of a run folder:
+    checkpoints/step-00000500/   model.safetensors, optimizer.pt, scheduler.pt, state.json
+                                 (DeepSpeed: its own files from accelerator.save_state instead of
+                                 the first three; state.json as well)
+    model/                       model.safetensors + model_config.json (the exported model)
+
+A checkpoint is written to `checkpoints/.tmp-step-N/` and renamed when every file is in place;
+`state.json` is written last, so a folder named `step-N` is always complete, and a killed
+save leaves only a `.tmp-` folder that the next save removes. DDP checkpoints hold the full
+model and optimizer state once (every process has the same copy), so they resume on any
+number of processes; loading uses `weights_only=True` and safetensors, never arbitrary pickle.
+
+What is NOT saved: random generator states. Every draw is a function of (seed, step, rank)
+(`data.step_seed`), so a resumed run replays the uninterrupted run's draws by construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..model.ant import ANT, ANTConfig
+from ..model.irl import IRLConfig
+from ..model.sasrec import SASRecConfig
+from . import TrainError
+
+STATE = "state.json"
+PREFIX = "step-"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / STATE).is_file())
+
+
+def read_state(ckpt: str | Path) -> dict:
+    return json.loads((Path(ckpt) / STATE).read_text())
+
+
+def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(accelerator, objective, optimizer, scheduler, state: dict, run_dir: str | Path,
+                    keep: int, deepspeed: bool) -> Path:
+    """Collective: every process calls it. Returns the checkpoint folder."""
+    root = checkpoint_root(run_dir)
+    name = f"{PREFIX}{state['step']:08d}"
+    tmp, final = root / f".tmp-{name}", root / name
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if deepspeed:
+        accelerator.save_state(str(tmp))  # ZeRO shards: every process writes its part
+    if accelerator.is_main_process:
+        if not deepspeed:
+            save_file(_state_dict(accelerator.unwrap_model(objective).model), str(tmp / "model.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_resume_checkpoint(run_dir: str | Path, resume: str) -> Optional[Path]:
+    found = complete_checkpoints(run_dir)
+    if resume == "auto":
+        return found[-1] if found else None
+    if resume == "never":
+        if found:
+            raise TrainError(f"{run_dir} already holds checkpoints ({found[-1].name}); use resume=auto to continue "
+                             f"it or another run_name to start a new run")
+        return None
+    path = Path(resume)
+    if not (path / STATE).is_file():
+        raise TrainError(f"resume={resume}: not a complete checkpoint (no {STATE})")
+    return path
+
+
+def load_checkpoint(accelerator, objective, optimizer, scheduler, ckpt: Path, deepspeed: bool) -> dict:
+    state = read_state(ckpt)
+    if state.get("engine") != ("deepspeed" if deepspeed else "ddp"):
+        raise TrainError(f"{ckpt} was written by the {state.get('engine')} engine; resume it with the same engine")
+    if deepspeed:
+        if state["world_size"] != accelerator.num_processes:
+            raise TrainError(f"{ckpt} holds DeepSpeed ZeRO shards of {state['world_size']} processes; resume it on "
+                             f"{state['world_size']} processes (this launch has {accelerator.num_processes})")
+        accelerator.load_state(str(ckpt))
+    else:
+        accelerator.unwrap_model(objective).model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=accelerator.device,
+                                             weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    return state
+
+
+# ----------------------------------------------------------------------------- exported model
+def export_model(model: ANT, out_dir: str | Path, extra: dict) -> None:
+    """model/model.safetensors + model_config.json: enough to rebuild the model with `load_model`."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_state_dict(model), str(tmp / "model.safetensors"))
+    config = {"ant": dataclasses.asdict(model.cfg), **extra}
+    (tmp / "model_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def load_model(model_dir: str | Path) -> tuple[ANT, dict]:
+    """The exported model (weights on CPU) and its config (with the pre-training catalog's domains)."""
+    d = Path(model_dir)
+    if not (d / "model_config.json").is_file() or not (d / "model.safetensors").is_file():
+        raise TrainError(f"{d} is not an exported model (needs model.safetensors and model_config.json)")
+    config = json.loads((d / "model_config.json").read_text())
+    a = config["ant"]
+    cfg = ANTConfig(item_source=a["item_source"], n_items=a["n_items"], irl=IRLConfig(**a["irl"]),
+                    sasrec=SASRecConfig(**a["sasrec"]))
+    model = ANT(cfg)
+    model.load_state_dict(load_file(str(d / "model.safetensors")))
+    return model, config

@@ -1,0 +1,339 @@
+"""The training loop, shared by pre-training and re-learning. Read it top to bottom.
+
+One optimizer step = one global batch of `batch_size` sequences, split over the processes.
+Around it: per-step seeding (so resume replays every random draw), a guard against non-finite
+losses and gradients, logging, validation, checkpoints, and a clean stop on SIGTERM/SIGUSR1.
+
+Exit codes (documented in docs/training.md): 0 done, 2 bad input or configuration,
+3 non-finite loss or gradient (the last good checkpoint is kept), 75 stopped by a signal after
+writing a checkpoint (resume with resume=auto).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from contextlib import ExitStack
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import PretrainConfig, save_config
+from ..locking import LockedError, exclusive_dir_lock
+from ..losses import NegativeSampler
+from ..model.ant import ANT, ANTConfig
+from ..model.irl import IRLConfig
+from ..model.sasrec import SASRecConfig
+from . import TrainError
+from .checkpoint import export_model, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from .data import Corpus, EpochBatches, epoch_batches, epoch_order, read_domain, step_seed, validation_users
+from .evaluate import evaluate
+from .features import load_catalog_features
+from .objective import TrainObjective
+from .tracking import MetricsLog, accelerate_log_with, start_trackers
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3, 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class NonFiniteError(TrainError):
+    """A loss term or the gradient norm became NaN/Inf; nothing after the last checkpoint is saved."""
+
+
+class Stopped(Exception):
+    """A stop signal arrived; a checkpoint was written at the step boundary."""
+
+
+def _validate(cfg: PretrainConfig) -> None:
+    problems = []
+    if cfg.loss not in ("sampled", "exact"):
+        problems.append(f"loss must be sampled or exact, got {cfg.loss!r}")
+    if cfg.sampler not in ("uniform", "popularity"):
+        problems.append(f"sampler must be uniform or popularity, got {cfg.sampler!r}")
+    if cfg.schedule not in ("cosine", "epoch_decay", "constant"):
+        problems.append(f"schedule must be cosine, epoch_decay or constant, got {cfg.schedule!r}")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        problems.append(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    for name in ("batch_size", "hidden", "max_len", "max_epochs", "exact_chunk"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name} must be >= 1")
+    if cfg.loss == "sampled" and cfg.n_negatives < 1:
+        problems.append("n_negatives must be >= 1 with loss=sampled")
+    if not cfg.domains:
+        problems.append("domains is empty: name the auxiliary domains to train on")
+    if problems:
+        raise TrainError("; ".join(problems))
+
+
+def _lr_factor(cfg: PretrainConfig, total_steps: int, steps_per_epoch: int):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        if cfg.schedule == "epoch_decay":
+            return cfg.epoch_decay ** (step // steps_per_epoch)
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_model(cfg: PretrainConfig, text_dim: int, image_dim: int) -> ANT:
+    return ANT(ANTConfig(
+        item_source="irl",
+        irl=IRLConfig(text_dim=text_dim, image_dim=image_dim, hidden=cfg.hidden, n_heads=cfg.n_experts,
+                      dropout=cfg.irl_dropout, beta=cfg.beta, gate_noise=cfg.gate_noise),
+        sasrec=SASRecConfig(hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads, max_len=cfg.max_len,
+                            dropout=cfg.dropout)))
+
+
+def _make_accelerator(cfg: PretrainConfig, run_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=not cfg.gate_noise)]
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # DeepSpeed on CPU needs it said
+    kwargs = {}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":  # DeepSpeed: its JSON decides
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+        kwargs["mixed_precision"] = "bf16" if bf16 else "no"
+    return Accelerator(log_with=accelerate_log_with(cfg.tracker), project_dir=str(run_dir),
+                       kwargs_handlers=handlers, **kwargs)
+
+
+def _lock_run_dir(accelerator, run_dir: Path, stack: ExitStack) -> None:
+    """The main process holds the run folder's lock; every process learns whether it got it."""
+    from accelerate.utils import broadcast_object_list
+
+    message = [None]
+    if accelerator.is_main_process:
+        try:
+            stack.enter_context(exclusive_dir_lock(run_dir, "training run"))
+        except LockedError as exc:
+            message = [str(exc)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(message)
+    if message[0]:
+        raise TrainError(message[0])
+
+
+def _memory() -> dict:
+    out = {}
+    try:
+        with open("/proc/self/status") as f:  # anonymous memory: memory-mapped feature pages excluded
+            for line in f:
+                if line.startswith(("RssAnon:", "VmHWM:")):
+                    key = "rss_anon_mib" if line.startswith("RssAnon") else "peak_rss_mib"
+                    out[key] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        out["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def run(cfg: PretrainConfig, stage: str = "pretrain") -> dict:
+    """Train; returns a summary. Raises TrainError (bad input), NonFiniteError, or Stopped."""
+    from accelerate.utils import DistributedType, gather_object
+    from tqdm.auto import tqdm
+
+    _validate(cfg)
+    run_dir = Path(cfg.out) / cfg.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = _make_accelerator(cfg, run_dir)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    main = accelerator.is_main_process
+    with ExitStack() as stack:
+        _lock_run_dir(accelerator, run_dir, stack)
+
+        # ---- data: sequences of every domain, one joint catalog, its features
+        with accelerator.main_process_first():  # the first reader builds the Arrow cache
+            domains, offset = [], 0
+            for name in cfg.domains:
+                domains.append(read_domain(cfg.shards, name, offset))
+                offset += domains[-1].n_items
+        corpus = Corpus(domains)
+        features = load_catalog_features(cfg.features, cfg.shards, corpus.names, [d.n_items for d in domains],
+                                         cfg.features_on, cfg.features_device_max_gb, device)
+        if len(corpus.train_users) < world:
+            raise TrainError(f"{len(corpus.train_users)} training sequences cannot feed {world} processes")
+        popularity = torch.from_numpy(corpus.popularity()).float()
+        sampler = None
+        if cfg.loss == "sampled":
+            sampler = NegativeSampler(corpus.n_items, popularity, cfg.sampler_alpha if cfg.sampler == "popularity"
+                                      else 0.0)
+
+        # ---- model, optimizer, schedule
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, features.text_dim, features.image_dim)
+        objective = TrainObjective(model, features, cfg.loss, cfg.tau, cfg.align_weight, sampler,
+                                   popularity + 1.0, cfg.in_batch_negatives,
+                                   cfg.gather_negatives and not cfg.shared_negatives, cfg.exact_chunk)
+        objective.fail_at_step = cfg.fail_at_step
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(corpus.train_users) / cfg.batch_size)
+        total_steps = cfg.max_epochs * steps_per_epoch
+        if cfg.max_steps:
+            total_steps = min(total_steps, cfg.max_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, total_steps, steps_per_epoch))
+        if deepspeed:
+            ds = accelerator.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = max(1, cfg.batch_size // world)
+            ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * world
+            ds["gradient_accumulation_steps"] = 1
+            ds["gradient_clipping"] = cfg.grad_clip
+        # the scheduler stays unwrapped: it is stepped once per optimizer step, whatever the engine
+        objective, optimizer = accelerator.prepare(objective, optimizer)
+
+        # ---- resume
+        state = {"step": 0, "epoch": 0, "consumed": 0}
+        ckpt = find_resume_checkpoint(run_dir, cfg.resume)
+        if ckpt is not None:
+            saved = load_checkpoint(accelerator, objective, optimizer, scheduler, ckpt, deepspeed)
+            for key in ("seed", "batch_size", "loss"):
+                if saved["config"][key] != getattr(cfg, key):
+                    raise TrainError(f"{ckpt}: was trained with {key}={saved['config'][key]!r}, this run has "
+                                     f"{getattr(cfg, key)!r}; resume with the same value or use another run_name")
+            state = {k: saved[k] for k in state}
+            accelerator.print(f"resuming from {ckpt} (step {state['step']}, epoch {state['epoch']}, "
+                              f"{state['consumed']} sequences into it; written by {saved['world_size']} "
+                              f"process(es), now {world})")
+        if main:
+            save_config(cfg, run_dir / f"{stage}_config.yaml")
+        start_trackers(accelerator, cfg.tracker, cfg.wandb_project, run_dir, cfg.run_name,
+                       {**asdict(cfg), "world_size": world, "engine": "deepspeed" if deepspeed else "ddp"})
+        metrics_log = MetricsLog(run_dir / "metrics.jsonl", main)
+        metrics_log.write({"event": "start", "stage": stage, "step": state["step"], "world_size": world,
+                           "engine": "deepspeed" if deepspeed else "ddp", "features_on": features.placement,
+                           "items": corpus.n_items, "train_sequences": int(len(corpus.train_users)),
+                           "resumed_from": str(ckpt) if ckpt else None})
+        val_users = validation_users(corpus, cfg.eval_users, cfg.seed)
+
+        def checkpoint() -> None:
+            save_checkpoint(accelerator, objective, optimizer, scheduler,
+                            {**state, "world_size": world, "engine": "deepspeed" if deepspeed else "ddp",
+                             "config": asdict(cfg)}, run_dir, cfg.keep_checkpoints, deepspeed)
+
+        def validate() -> dict:
+            res = evaluate(accelerator.unwrap_model(objective).model, features, corpus, val_users, "valid",
+                           cfg.max_len, cfg.exclude_history, cfg.exact_chunk, device, rank, world, gather_object)
+            flat = {f"val/{d}/{k}": v for d, r in res.items() for k, v in r["mean"].items()}
+            accelerator.log(flat, step=state["step"])
+            metrics_log.write({"event": "validation", "step": state["step"], "epoch": state["epoch"], **flat})
+            return flat
+
+        # ---- stop signals: flag now, act at the next step boundary (all processes agree)
+        stop = {"signal": 0}
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda s, _f: stop.__setitem__("signal", int(s)))
+
+        trace = None
+        if cfg.trace_batches:
+            (run_dir / "trace").mkdir(exist_ok=True)
+            trace = stack.enter_context(open(run_dir / "trace" / f"rank-{rank}.jsonl", "a"))
+        bar = tqdm(total=total_steps, initial=state["step"], desc=stage, unit=" steps",
+                   disable=not (main and cfg.progress), dynamic_ncols=True)
+        objective.train()
+        last_saved, last_val, t_run = (state["step"] if ckpt else -1), {}, time.time()
+        n_train = len(corpus.train_users)
+        while state["epoch"] < cfg.max_epochs and state["step"] < total_steps:
+            order = epoch_order(n_train, cfg.seed, state["epoch"])
+            bounds = epoch_batches(n_train, cfg.batch_size, state["consumed"])[:total_steps - state["step"]]
+            batches = EpochBatches(corpus, order, bounds, state["step"], rank, world, cfg.max_len, cfg.seed,
+                                   cfg.n_negatives if cfg.loss == "sampled" else 0,
+                                   sampler.probs if sampler else None, cfg.shared_negatives,
+                                   features if features.placement == "mmap" else None)
+            loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.num_workers,
+                                                 prefetch_factor=4 if cfg.num_workers else None)
+            t_step = time.time()
+            for j, batch in enumerate(loader):
+                torch.manual_seed(step_seed(cfg.seed, state["step"], rank))
+                out = objective(batch)
+                accelerator.backward(out["loss"])
+                grad_norm = accelerator.clip_grad_norm_(objective.parameters(),
+                                                        cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+                summed = torch.stack([out["rec_sum"].float(), out["align"].float(),
+                                      torch.tensor(float(stop["signal"] > 0), device=device)])
+                if world > 1:
+                    summed = accelerator.reduce(summed, "sum")
+                rec = float(summed[0]) / max(batch["n_global"], 1)
+                align = float(summed[1]) / world
+                for term, value in (("recommendation loss L_r", rec), ("alignment loss R_c", align),
+                                    ("gradient norm", grad_norm if not deepspeed or cfg.grad_clip > 0 else 0.0)):
+                    if not math.isfinite(value):
+                        raise NonFiniteError(
+                            f"step {state['step'] + 1}: the {term} is {value}; stopping before the update. "
+                            f"The last good checkpoint is kept ({_newest(run_dir)}); lower lr, check the features "
+                            f"(python -m ant_dist.embed verify), or resume from it")
+                epoch_of_batch = state["epoch"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                state["consumed"] = bounds[j][1]
+                if state["consumed"] >= n_train:
+                    state["epoch"], state["consumed"] = state["epoch"] + 1, 0
+                if trace is not None:
+                    trace.write(json.dumps({"step": state["step"], "epoch": epoch_of_batch,
+                                            "users": batch["users"].tolist()}) + "\n")
+                    trace.flush()
+                dt = time.time() - t_step
+                t_step = time.time()
+                bar.update(1)
+                if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+                    record = {"train/loss": rec + cfg.align_weight * align, "train/rec_loss": rec,
+                              "train/align_loss": align, "train/grad_norm": grad_norm,
+                              "train/lr": scheduler.get_last_lr()[0], "train/epoch": state["epoch"],
+                              "perf/step_s": dt, "perf/sequences_per_s": (bounds[j][1] - bounds[j][0]) / dt,
+                              "perf/positions_per_s": batch["n_global"] / dt,
+                              **{f"mem/{k}": v for k, v in _memory().items()}}
+                    accelerator.log(record, step=state["step"])
+                    metrics_log.write({"event": "train", "step": state["step"], **record})
+                    bar.set_postfix(loss=f"{rec:.3f}", lr=f"{record['train/lr']:.1e}")
+                epoch_done = state["consumed"] == 0
+                if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or (not cfg.eval_every and epoch_done):
+                    last_val = validate()
+                if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                    checkpoint()
+                    last_saved = state["step"]
+                if summed[2] > 0:
+                    if last_saved != state["step"]:
+                        checkpoint()
+                    metrics_log.write({"event": "stopped", "step": state["step"], "signal": stop["signal"]})
+                    bar.close()
+                    accelerator.end_training()
+                    raise Stopped(f"stopped by a signal at step {state['step']}; checkpoint written, "
+                                  f"resume with resume=auto")
+        bar.close()
+
+        # ---- the end: checkpoint, final validation, exported model
+        if last_saved != state["step"]:
+            checkpoint()
+        if not last_val or (cfg.eval_every and state["step"] % cfg.eval_every):
+            last_val = validate()
+        unwrapped = accelerator.unwrap_model(objective).model
+        if main:
+            export_model(unwrapped, run_dir / "model", {
+                "stage": stage, "domains": corpus.names, "items_per_domain": [d.n_items for d in domains],
+                "features": str(cfg.features), "shards": str(cfg.shards), "step": state["step"]})
+        summary = {"event": "end", "step": state["step"], "epochs": state["epoch"], "world_size": world,
+                   "seconds": round(time.time() - t_run, 2), "validation": last_val}
+        metrics_log.write(summary)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return summary
+
+
+def _newest(run_dir: Path) -> str:
+    from .checkpoint import complete_checkpoints
+
+    found = complete_checkpoints(run_dir)
+    return str(found[-1]) if found else "none was written yet"

@@ -1,0 +1,89 @@
+"""The training objective as ONE module forward: L_r (+ lambda R_c) for a batch.
+
+Why a module: DDP and DeepSpeed all-reduce exactly the gradients produced by the wrapped
+module's forward. UniSRec's DDP pre-training called `model.module` outside that forward and
+its gradients were never synchronised. Here every parameter, including those the exact loss's
+custom autograd function recomputes in its backward, is reached inside `forward`, through this
+module's own parameters.
+
+Loss scale: each process holds a share of the global batch's loss positions. The local loss
+is `sum of its positions' losses / positions in the GLOBAL batch * world`, so the average that
+data parallelism takes over processes is the global batch's mean: 2 processes with B
+sequences each step exactly like 1 process with the same 2B.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..losses import NegativeSampler, alignment_loss, full_softmax, sampled_softmax
+from ..model.ant import ANT
+from .features import BatchFeatures, CatalogFeatures
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class TrainObjective(nn.Module):
+    def __init__(self, model: ANT, features: CatalogFeatures, loss: str = "sampled", tau: float = 0.07,
+                 align_weight: float = 1e-3, sampler: Optional[NegativeSampler] = None,
+                 popularity: Optional[torch.Tensor] = None, in_batch_negatives: bool = False,
+                 gather_negatives: bool = True, exact_chunk: int = 8192):
+        super().__init__()
+        if loss not in ("sampled", "exact"):
+            raise ValueError(f"loss must be sampled or exact, got {loss!r}")
+        self.model = model
+        self.features = features  # not a module: frozen data, never in the state dict
+        self.loss, self.tau, self.align_weight = loss, tau, align_weight
+        self.sampler, self.popularity = sampler, popularity
+        self.in_batch_negatives, self.gather_negatives = in_batch_negatives, gather_negatives
+        self.exact_chunk = exact_chunk
+        self.fail_at_step = 0  # testing aid: make the loss non-finite at this step
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        rows = batch["rows"].to(device)
+        # one item-model pass over the batch's distinct rows (inputs, targets, negatives)
+        if "feats" in batch:
+            bank = BatchFeatures(batch["feats"], device)
+            items = self.model.encode_items(torch.arange(len(rows), device=device), bank)
+            has_image = bank.has_image
+        else:
+            items = self.model.encode_items(rows, self.features)
+            has_image = self.features.gather_all(rows)[3]
+        mask = batch["mask"].to(device)
+        inputs, targets = batch["inputs"].to(device), batch["targets"].to(device)
+        states = self.model.user_states(items.embedding[inputs] * mask.unsqueeze(-1), mask)
+        at = targets >= 0
+        h, target_rows = states[at], rows[targets[at]]
+
+        if self.loss == "exact":
+            params = [p for p in self.model.param_groups()["irl"] + self.model.param_groups()["id"]]
+            per_position = full_softmax(h, target_rows, lambda r: self.model.encode_items(r, self.features).embedding,
+                                        len(self.features), params, tau=self.tau, chunk=self.exact_chunk,
+                                        reduction="none")
+        else:
+            emb = items.embedding
+
+            def batch_item_fn(r: torch.Tensor) -> torch.Tensor:  # catalog rows -> this batch's embeddings
+                return emb[torch.searchsorted(rows, r)]
+
+            per_position = sampled_softmax(
+                h, target_rows, batch_item_fn, self.sampler, 0, tau=self.tau, logq=True,
+                in_batch_negatives=self.in_batch_negatives, popularity=self.popularity,
+                gather_across_ranks=self.gather_negatives, gather_full_gradient=True,
+                negatives=batch["negatives"].to(device), reduction="none")
+        rec_sum = per_position.sum()
+        if self.fail_at_step and batch["step"] + 1 == self.fail_at_step:
+            rec_sum = rec_sum * torch.tensor(float("nan"), device=device)
+        world = world_size()
+        rec = rec_sum / max(batch["n_global"], 1) * world
+        align = alignment_loss(items.z_image, items.z_text, has_image, tau=self.tau)
+        total = rec + self.align_weight * align if self.align_weight else rec
+        return {"loss": total, "rec_sum": rec_sum.detach(), "align": align.detach(),
+                "positions": torch.tensor(float(len(h)), device=device)}

@@ -1,0 +1,80 @@
+"""Monitoring: W&B or TensorBoard through Accelerate's trackers, and metrics.jsonl (always).
+
+W&B without network: with no API key configured (no WANDB_API_KEY, no `wandb login` entry in
+~/.netrc) and no WANDB_MODE, wandb would stop at once asking for a login; we choose offline
+mode instead, which writes `<run>/wandb/offline-run-*` for a later `wandb sync`. The run id is
+derived from the run folder, so a resumed or requeued run continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from . import TrainError
+
+TRACKERS = ("wandb", "tensorboard", "none")
+
+
+def wandb_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def choose_wandb_mode() -> str:
+    """Set WANDB_MODE=offline unless the user chose a mode or configured a key; returns the mode."""
+    if not os.environ.get("WANDB_MODE") and not wandb_key_configured():
+        os.environ["WANDB_MODE"] = "offline"
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return os.environ.get("WANDB_MODE", "online")
+
+
+def wandb_run_id(run_dir: str | Path) -> str:
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+
+def accelerate_log_with(tracker: str) -> Optional[str]:
+    if tracker not in TRACKERS:
+        raise TrainError(f"tracker must be one of {TRACKERS}, got {tracker!r}")
+    if tracker == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            try:
+                import tensorboardX  # noqa: F401
+            except ImportError:
+                raise TrainError("tracker=tensorboard needs the tensorboard package: pip install tensorboard") from None
+    if tracker == "wandb":
+        choose_wandb_mode()
+    return None if tracker == "none" else tracker
+
+
+def start_trackers(accelerator, tracker: str, project: str, run_dir: Path, run_name: str, config: dict) -> None:
+    if tracker == "none":
+        return
+    kwargs = {}
+    if tracker == "wandb":
+        kwargs = {"wandb": {"dir": str(run_dir), "id": wandb_run_id(run_dir), "resume": "allow", "name": run_name}}
+    accelerator.init_trackers(project, config=config, init_kwargs=kwargs)
+
+
+class MetricsLog:
+    """Appends one JSON object per line to <run>/metrics.jsonl (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}, sort_keys=True) + "\n")
