@@ -138,6 +138,12 @@ def save_config(cfg: Any, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def _usage_error(message: str) -> None:
+    """One line on stderr and exit code 2 (the convention for a bad command line)."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_cli(cls: type[T], argv: Optional[Sequence[str]], prog: str, description: str) -> T:
     """`--config FILE`, `--help`, `--print-config` and `key=value` overrides for one stage."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -150,7 +156,7 @@ def parse_cli(cls: type[T], argv: Optional[Sequence[str]], prog: str, descriptio
     if "--config" in args:
         i = args.index("--config")
         if i + 1 >= len(args):
-            raise SystemExit(f"{prog}: --config needs a file")
+            _usage_error(f"{prog}: --config needs a file")
         config_file = args[i + 1]
         del args[i:i + 2]
     # `--name` is shorthand for `name=true` on boolean options (e.g. `--overwrite`)
@@ -159,11 +165,11 @@ def parse_cli(cls: type[T], argv: Optional[Sequence[str]], prog: str, descriptio
             for a in args]
     unknown_flags = [a for a in args if a.startswith("-")]
     if unknown_flags:
-        raise SystemExit(f"{prog}: unknown flag(s) {unknown_flags}; options are key=value (see --help)")
+        _usage_error(f"{prog}: unknown flag(s) {unknown_flags}; options are key=value (see --help)")
     try:
         cfg = load_config(cls, config_file, args)
     except ConfigError as exc:
-        raise SystemExit(f"{prog}: config error: {exc}") from None
+        _usage_error(f"{prog}: config error: {exc}")
     if print_only:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         raise SystemExit(0)

@@ -13,6 +13,9 @@ Resume: rows are marked in done.npy after their features are written; a rerun of
 command skips done rows (and whole shards whose rows are all done). A table built with other
 encoders or from other shards is refused with the difference spelled out (`overwrite=true`
 starts over).
+
+One pass per output folder: the main process holds `<out>/.lock` for the whole run; a second
+pass on the same `out` is refused (LockedError, exit 2) before it touches anything.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .data.feature_table import (FeatureTableError, FeatureTables, catalog_array
 from .data.pack import CATALOG
 from .data.shards import iter_shard_samples, shard_paths
 from .encoders import ImageEncoder, TextEncoder, decode_image, encoder_fingerprint, encoder_summary
+from .locking import DirectoryLock, LockedError, acquire_dir_lock, loader_worker_init
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -159,12 +163,46 @@ def _work_units(cfg: EmbedConfig, domains: list[str]) -> list[tuple[int, str]]:
     return units
 
 
+def _lock_output(cfg: EmbedConfig, accelerator) -> Optional[DirectoryLock]:
+    """The main process locks `cfg.out` for the run; every rank raises if it could not.
+
+    Only the main process takes the lock: flock is per open file description, so ranks opening
+    the lock file each on their own would refuse one another. Its outcome is broadcast (a
+    collective every rank joins) so that on refusal all ranks raise the same LockedError at
+    once, instead of the others waiting for a main process that has given up.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = acquire_dir_lock(cfg.out, "embedding pass")
+        except LockedError as exc:
+            refusal = exc
+    message = broadcast_object_list([None if refusal is None else str(refusal)])[0]
+    if refusal is not None:
+        raise refusal
+    if message is not None:
+        raise LockedError(message)
+    return lock
+
+
 def run(cfg: EmbedConfig) -> dict:
     from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    lock = _lock_output(cfg, accelerator)  # before anything is read or written
+    try:
+        return _run_locked(cfg, accelerator)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(cfg: EmbedConfig, accelerator) -> dict:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     domains = _domains(cfg)
@@ -187,8 +225,10 @@ def run(cfg: EmbedConfig) -> dict:
     dataset = ShardItems(units, feature_dirs, cfg.image_encoder, cfg.text_encoder, cfg.max_text_tokens,
                          cfg.max_images)
     workers = min(cfg.num_workers, len(units))
+    # forked loader workers share the lock descriptor: they must not outlive this process
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers, collate_fn=dataset.collate,
-                        prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
+                        prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda",
+                        worker_init_fn=loader_worker_init())
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     bar = tqdm(total=sum(todo_at_start), desc="embed", unit=" items", disable=not (cfg.progress and
@@ -304,7 +344,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = parse_cli(EmbedConfig, args, "python -m ant_dist.embed", __doc__)
     try:
         run(cfg)
-    except FeatureTableError as exc:
+    except (FeatureTableError, LockedError) as exc:
         print(f"embed: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -35,7 +35,7 @@ from typing import Optional
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock; the lock file is written but not enforced there
+except ImportError:  # Windows: no flock; DirectoryLock does nothing there (not enforced)
     fcntl = None
 
 LOCK_NAME = ".lock"
@@ -53,8 +53,10 @@ def die_with_parent(expected_parent: Optional[int] = None) -> None:
     that asked for the worker (a forkserver), which only skips that check.
 
     Caveats: the signal fires when the parent *thread* that forked us exits, not the parent
-    process, so fork workers from a thread that lives as long as they should. Never raises: an
-    exception in a Pool initializer would make the pool respawn workers forever.
+    process, so fork workers from a thread that lives as long as they should (a Pool forks its
+    first workers from the thread creating it, replacements from its own handler thread, which
+    lives as long as the pool). Never raises: an exception in a Pool initializer would make the
+    pool respawn workers forever.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -107,11 +109,12 @@ class DirectoryLock:
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already held by this DirectoryLock")
         self.folder.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            return self
         # No O_TRUNC: a refused opener must not wipe the holder's details.
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
@@ -145,8 +148,7 @@ class DirectoryLock:
                 pass  # only cosmetic
             # An explicit unlock frees the lock even if forked children still share the
             # descriptor; closing alone would leave it held by them.
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
 
@@ -200,3 +202,21 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def _worker_dies_with(parent_pid: Optional[int], worker_id: int) -> None:
+    die_with_parent(parent_pid)
+
+
+def loader_worker_init():
+    """A DataLoader `worker_init_fn` that makes each loader worker die with this process.
+
+    Forked loader workers share the main process's lock descriptor; torch's own watchdog notices
+    a dead parent only within ~5 s, and until then a rerun would be refused. Under a forkserver
+    we are not the workers' parent, so the parent check is skipped there.
+    """
+    import functools
+    import multiprocessing
+
+    parent = None if multiprocessing.get_start_method(allow_none=True) == "forkserver" else os.getpid()
+    return functools.partial(_worker_dies_with, parent)

@@ -34,10 +34,11 @@ def test_cli_help_lists_every_option(capsys):
         assert f"  {name}=" in out
 
 
-def test_boolean_flag_shorthand_and_unknown_flags():
+def test_boolean_flag_shorthand_and_unknown_flags(capsys):
     from ant_dist.config import EmbedConfig
 
     cfg = parse_cli(EmbedConfig, ["text_encoder=t", "image_encoder=i", "--overwrite"], "embed", "")
     assert cfg.overwrite is True
-    with pytest.raises(SystemExit, match="unknown flag"):
+    with pytest.raises(SystemExit) as exc:
         parse_cli(EmbedConfig, ["text_encoder=t", "image_encoder=i", "--shards"], "embed", "")
+    assert exc.value.code == 2 and "unknown flag" in capsys.readouterr().err

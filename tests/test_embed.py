@@ -23,6 +23,7 @@ from ant_dist.data.pack import pack_domain
 from ant_dist.data.shards import iter_shard_samples, shard_paths
 from ant_dist.data.synth import synthesize
 from ant_dist.encoders import ImageEncoder, TextEncoder, minilm_path, save_random_swin
+from ant_dist.locking import exclusive_dir_lock
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -220,3 +221,33 @@ def test_incomplete_table_is_refused(single_run, tmp_path):
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(FeatureTableError, match="incomplete"):
         load_features(out)
+
+
+def _run_group(cmd, timeout):
+    """Like _run, but the command and every process it starts are SIGKILLed if it runs too long."""
+    proc = subprocess.Popen(cmd, env={**ENV, "ACCELERATE_USE_CPU": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the ranks of a launch, should any be left
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def test_pass_on_a_locked_out_is_refused_by_every_rank(shards, encoders, tmp_path):
+    out = tmp_path / "f"
+    with exclusive_dir_lock(out, "embedding pass"):  # as a running pass holds it
+        res = _run_group(_embed_cmd(shards, out, encoders), timeout=300)
+        assert res.returncode == 2, res.stderr[-3000:]
+        [line] = [x for x in res.stderr.splitlines() if x.startswith("embed: error:")]
+        assert line.startswith(f"embed: error: {out} is in use by another embedding pass (pid {os.getpid()} on host ")
+        # With 2 ranks, rank 1 must learn of the refusal and stop too, not wait for rank 0 forever.
+        res = _run_group(_embed_cmd(shards, out, encoders, processes=2), timeout=300)
+        assert res.returncode != 0
+        errors = [x for x in res.stderr.splitlines() if x.startswith("embed: error:")]
+        assert len(errors) == 2 and all(f"(pid {os.getpid()} on host " in e for e in errors), res.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # refused before writing anything

@@ -251,3 +251,83 @@ def test_cross_rank_negatives_gathered_with_local_gradient(tmp_path):
         got = json.load(open(tmp_path / f"r{rank}"))
         assert got["loss"] == pytest.approx(ref.item(), rel=1e-5)
         assert np.allclose(got["grad"], grad.numpy(), atol=1e-6)
+
+
+def test_popularity_sampler_keeps_items_without_interactions_drawable():
+    # 10 % of the catalog has no training interactions: with counts + 1 they stay drawable,
+    # so a large K brings the sampled loss to the exact one (without smoothing it cannot)
+    emb, h, targets = _random_catalog()
+    pop = torch.bincount(targets, minlength=2000).float() * 5 + torch.arange(2000) % 7
+    pop[:200] = 0
+    sampler = NegativeSampler(2000, pop, alpha=1.0)
+    assert (sampler.probs > 0).all()
+    assert sampler.probs[0].item() == pytest.approx(1.0 / float((pop + 1).sum()), rel=1e-5)
+    exact = naive_full_softmax(h, targets, emb, tau=0.2).item()
+    gen = torch.Generator().manual_seed(3)
+    loss = sampled_softmax(h, targets, lambda r: emb[r], sampler, 100_000, tau=0.2, generator=gen).item()
+    assert abs(loss - exact) < 0.02 * exact, (loss, exact)
+    unsmoothed = NegativeSampler(2000, pop, alpha=1.0, smoothing=0.0)
+    assert (unsmoothed.probs[:200] == 0).all()
+
+
+def test_in_batch_mixture_correction_counts_b_minus_one_draws():
+    # hand-computed: 2 items, batch of 2 with targets (0, 1), one sampled negative (item 0),
+    # uniform q = 1/2 and data distribution p = 1/2. For row 0 the sampled negative and its own
+    # in-batch target are accidental hits; only row 1's target (item 1) is a negative, with
+    # expected count K q + (B - 1) p = 1/2 + 1/2 = 1, so its logit is uncorrected.
+    emb = torch.eye(2)
+    h = torch.eye(2)
+    loss = sampled_softmax(h, torch.tensor([0, 1]), lambda r: emb[r], NegativeSampler(2), 0, tau=0.5, logq=True,
+                           in_batch_negatives=True, popularity=torch.tensor([1.0, 1.0]), reduction="none",
+                           negatives=torch.tensor([0]))
+    s_pos, s_neg = 1 / 0.5, 0.0
+    row0 = math.log(math.exp(s_pos) + math.exp(s_neg)) - s_pos
+    assert loss[0].item() == pytest.approx(row0, rel=1e-5)
+
+
+_FULL_GRAD_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, torch.distributed as dist
+    from ant_dist.losses import NegativeSampler, sampled_softmax
+    rank = int(sys.argv[1]); out = sys.argv[2]
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[3], rank=rank, world_size=2)
+    torch.manual_seed(0)
+    emb = torch.nn.Parameter(torch.randn(50, 8))
+    h = torch.randn(12, 8)[6 * rank:6 * rank + 6]
+    t = torch.arange(6) + 6 * rank
+    negs = torch.tensor([[3, 17, 29, 41, 8, 22, 45], [11, 2, 38, 19, 30, 47, 5]])[rank]
+    loss = sampled_softmax(h, t, lambda r: emb[r], NegativeSampler(50), 0, tau=0.5, negatives=negs,
+                           gather_across_ranks=True, gather_full_gradient=True, reduction="sum")
+    loss.backward()
+    json.dump({"grad": emb.grad.tolist()}, open(out + str(rank), "w"))
+    dist.destroy_process_group()
+""")
+
+
+def test_cross_rank_negatives_with_full_gradient_sum_to_the_joint_gradient(tmp_path):
+    # data parallelism sums (averages) the ranks' gradients: with the full-gradient gather that
+    # sum must be the gradient of both ranks' losses computed in one process with every negative live
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, "-c", _FULL_GRAD_SCRIPT, str(r), str(tmp_path / "r"), port])
+             for r in range(2)]
+    try:
+        assert all(p.wait(timeout=120) == 0 for p in procs)
+    finally:
+        for p in procs:
+            p.kill()
+    torch.manual_seed(0)
+    emb = torch.nn.Parameter(torch.randn(50, 8))
+    h_all = torch.randn(12, 8)
+    negs = torch.tensor([3, 17, 29, 41, 8, 22, 45, 11, 2, 38, 19, 30, 47, 5])
+    e = F.normalize(emb, dim=-1)
+    total = 0.0
+    for rank in range(2):
+        h, t = F.normalize(h_all[6 * rank:6 * rank + 6], dim=-1), torch.arange(6) + 6 * rank
+        pos = (h * e[t]).sum(-1, keepdim=True) / 0.5
+        neg = (h @ e[negs].T / 0.5 - math.log(14 / 50)).masked_fill(negs[None] == t[:, None], -math.inf)
+        total = total + (torch.logsumexp(torch.cat([pos, neg], 1), 1) - pos[:, 0]).sum()
+    ref = torch.autograd.grad(total, emb)[0]
+    got = sum(np.array(json.load(open(tmp_path / f"r{r}"))["grad"]) for r in range(2))
+    assert np.allclose(got, ref.numpy(), atol=1e-5)

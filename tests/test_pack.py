@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -23,6 +24,7 @@ from ant_dist.data.filtering import k_core_filter
 from ant_dist.data.pack import PackError, pack_domain
 from ant_dist.data.shards import iter_shard_samples, shard_paths
 from ant_dist.data.synth import synthesize
+from ant_dist.locking import exclusive_dir_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,30 +236,135 @@ def _pack_cmd(raw: Path, out: Path):
 
 
 def _snapshot(folder: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    # .lock is not output: it holds the pid of whoever packs (and is emptied when done)
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != ".lock"}
 
 
-def test_sigkill_then_rerun_is_byte_identical(tmp_path):
-    raw = tmp_path / "raw"
+@pytest.fixture(scope="module")
+def food_raw(tmp_path_factory):
+    """A raw domain whose pack takes long enough (38 shards) to be caught in the act."""
+    raw = tmp_path_factory.mktemp("raw")
     synthesize(SynthConfig(out=str(raw), aux_domains=["Food"], target_domains=[], items_per_domain=1500,
                            users_per_domain=2500, image_size=96, workers=2))
+    return raw
+
+
+def _wait_for(condition, what: str, timeout: float = 120.0):
+    """Poll `condition` until it returns something truthy (returned), or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.005)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _kill_all(proc: subprocess.Popen, others=()) -> None:
+    """Teardown: SIGKILL the packer and any of its former workers still alive."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for p in others:
+        if _alive(p):
+            p.kill()
+
+
+def _lock_pid(folder: Path):
+    try:
+        return json.loads((folder / ".lock").read_text())["pid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def test_sigkill_then_rerun_is_byte_identical(tmp_path, food_raw):
     out = tmp_path / "shards"
-    subprocess.run(_pack_cmd(raw, out), check=True, capture_output=True)
+    subprocess.run(_pack_cmd(food_raw, out), check=True, capture_output=True)
     reference = _snapshot(out / "Food")
     shutil.rmtree(out)
 
-    proc = subprocess.Popen(_pack_cmd(raw, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "Food").glob("items-*.tar"))) < 3:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = subprocess.Popen(_pack_cmd(food_raw, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        _wait_for(lambda: len(list((out / "Food").glob("items-*.tar"))) >= 3, "3 shards")
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # The pool workers die with the packer (see test_killed_packer_leaves_no_worker_alive);
+        # waiting for it keeps the rerun below from meeting their lock or their writes.
+        _wait_for(lambda: not any(_alive(w) for w in workers), "the pool workers to die", timeout=30)
+    finally:
+        _kill_all(proc, workers)
     killed = _snapshot(out / "Food")
     assert "catalog.parquet" not in killed, "a killed packer must not leave a complete-looking domain"
     assert len([n for n in killed if n.startswith("items-") and n.endswith(".tar")]) >= 3
 
-    subprocess.run(_pack_cmd(raw, out), check=True, capture_output=True)
+    subprocess.run(_pack_cmd(food_raw, out), check=True, capture_output=True)
     assert _snapshot(out / "Food") == reference
+
+
+def test_second_packer_on_the_same_domain_is_refused(tmp_path, food_raw):
+    out = tmp_path / "shards"
+    first = subprocess.Popen(_pack_cmd(food_raw, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: _lock_pid(out / "Food") == first.pid or first.poll() is not None, "the first to lock")
+        # Stopped, it holds the lock for as long as this test needs, however fast it packs.
+        first.send_signal(signal.SIGSTOP)
+        assert _lock_pid(out / "Food") == first.pid, "the first packer finished before it could be caught"
+        t0 = time.monotonic()
+        second = subprocess.run(_pack_cmd(food_raw, out), capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert time.monotonic() - t0 < 60
+        [line] = second.stderr.strip().splitlines()  # one clear line, no traceback
+        assert line.startswith(f"pack: error: {out / 'Food'} is in use by another packer (pid {first.pid} on host ")
+        assert line.endswith(": wait for it to finish or stop it")
+        first.send_signal(signal.SIGCONT)
+        stdout, stderr = first.communicate(timeout=120)
+        assert first.returncode == 0, stderr  # the refused packer did not disturb the running one
+        assert stdout.startswith("packed Food:")
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGCONT)
+        _kill_all(first)
+    report = json.loads((out / "Food" / "pack_report.json").read_text())
+    assert report["status"] == "complete" and (out / "Food" / "catalog.parquet").exists()
+    assert (out / "Food" / ".lock").read_text() == ""  # released
+
+
+def test_killed_packer_leaves_no_worker_alive(tmp_path, food_raw):
+    out = tmp_path / "shards"
+    cmd = [a for a in _pack_cmd(food_raw, out) if not a.startswith("workers=")] + ["workers=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        def pool_writing():
+            assert proc.poll() is None, "the packer finished before it could be killed"
+            return psutil.Process(proc.pid).children() and list((out / "Food").glob("items-*.tar"))
+
+        _wait_for(pool_writing, "the pool to write shards")
+        proc.send_signal(signal.SIGSTOP)  # frozen: the pool cannot wind down between the look and the kill
+        workers = [w for w in psutil.Process(proc.pid).children(recursive=True) if _alive(w)]
+        assert workers, "no pool worker to orphan"
+        # Stopped workers stand for workers busy with a long shard: left alone they would never
+        # exit (an orphaned worker otherwise finishes its shard and the queued ones, then
+        # exits). Only the death signal the kernel sends them when the packer dies ends them.
+        for w in workers:
+            w.suspend()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _wait_for(lambda: not any(_alive(w) for w in workers), "every former pool worker to die", timeout=30)
+    finally:
+        _kill_all(proc, workers)
+    assert not (out / "Food" / "catalog.parquet").exists()
+    with exclusive_dir_lock(out / "Food", "test"):  # nobody holds the folder any more
+        pass
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -10,6 +10,10 @@ Order of work, and why:
 catalog.parquet is the completion marker: it is deleted when a run starts and written only
 when everything else is in place, so a killed packer never leaves a domain that looks done.
 Everything is a pure function of the input and the config, so a rerun is byte-identical.
+
+One packer per domain folder: it holds `<out>/<domain>/.lock` from start to end (a second one
+is refused with LockedError), and its shard workers die with it, so a killed packer leaves no
+worker writing shards behind while its rerun writes the same paths.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ..config import PackConfig, save_config
+from ..locking import die_with_parent, exclusive_dir_lock
 from .cleaning import normalise_price
 from .filtering import group_offsets, k_core_filter, most_recent, sort_interactions, sorted_codes
 from .raw_readers import FORMATS, InputError, index_images, read_interactions, read_items
@@ -73,7 +78,12 @@ def pack_domain(cfg: PackConfig) -> dict:
         raise InputError("min_core must be >= 1, max_seq_len >= 2 and workers >= 1")
     t0 = time.time()
     out = Path(cfg.out) / cfg.domain
-    out.mkdir(parents=True, exist_ok=True)
+    # Held until the catalog is written (or the pack fails): everything below writes in `out`.
+    with exclusive_dir_lock(out, "packer"):
+        return _pack_locked(cfg, out, t0)
+
+
+def _pack_locked(cfg: PackConfig, out: Path, t0: float) -> dict:
     (out / CATALOG).unlink(missing_ok=True)  # not complete until written again
     log = BadInputLog(cfg.examples_per_reason)
 
@@ -152,7 +162,10 @@ def pack_domain(cfg: PackConfig) -> dict:
     bytes_total = 0
     bar = tqdm(total=len(kept_ids), desc=f"shards {cfg.domain}", unit=" items", disable=not cfg.progress)
     ctx = mp.get_context("spawn" if os.name == "nt" else "fork")
-    with ctx.Pool(min(cfg.workers, max(len(jobs), 1))) as pool:
+    # Workers die with the packer: an orphan would go on writing shards (and, sharing the
+    # forked lock descriptor, keep the folder locked) while a rerun writes the same paths.
+    with ctx.Pool(min(cfg.workers, max(len(jobs), 1)), initializer=die_with_parent,
+                  initargs=(os.getpid(),)) as pool:
         for res in pool.imap(_write_shard_job, jobs):
             for row, ext in zip(res.rows, res.image_ext):
                 image_ext[row] = ext
@@ -163,7 +176,7 @@ def pack_domain(cfg: PackConfig) -> dict:
             bar.update(len(res.rows))
     bar.close()
     expected = {SHARD_PATTERN.format(s) for s in range(len(ranges))}
-    for stale in list(out.glob("items-*.tar")) + list(out.glob("*.tmp")):
+    for stale in list(out.glob("items-*.tar")) + list(out.glob("*.tmp")):  # never .lock
         if stale.name not in expected:
             stale.unlink()
 

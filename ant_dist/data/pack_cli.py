@@ -7,6 +7,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..config import PackConfig, parse_cli
+from ..locking import LockedError
 from .pack import PackError, pack_domain
 from .raw_readers import InputError
 
@@ -16,7 +17,8 @@ Formats: amazon2018 (meta_*.json[.gz] + ratings CSV item,user,rating,timestamp o
 JSON lines), amazon2023 (meta_*.jsonl[.gz] + review JSONL), table (CSV/Parquet items with
 id,text[,price,image] and interactions with user,item,timestamp). Images come from a local
 folder of <item_id>.<jpg|png|webp>. Output layout and every cleaning rule: docs/data.md.
-Exit codes: 0 packed, 2 bad input (message says why; pack_report.json has the counts).
+Exit codes: 0 packed, 2 bad input (message says why; pack_report.json has the counts) or
+the domain folder in use by another packer (message names its pid).
 """
 
 
@@ -24,7 +26,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = parse_cli(PackConfig, argv, "tools/pack.py", DESCRIPTION)
     try:
         report = pack_domain(cfg)
-    except (InputError, PackError) as exc:
+    except (InputError, PackError, LockedError) as exc:
         print(f"pack: error: {exc}", file=sys.stderr)
         return 2
     out = report["output"]

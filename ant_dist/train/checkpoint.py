@@ -112,7 +112,7 @@ def load_checkpoint(accelerator, objective, optimizer, scheduler, ckpt: Path, de
         accelerator.load_state(str(ckpt))
     else:
         accelerator.unwrap_model(objective).model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=accelerator.device,
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu",
                                              weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     return state

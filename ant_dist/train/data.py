@@ -50,12 +50,17 @@ def read_domain(shards_root: str | Path, name: str, item_offset: int,
     if not (d / CATALOG).is_file() or not (d / INTERACTIONS).is_file():
         raise TrainError(f"domain {name!r}: {d} is not a completely packed domain (no {CATALOG})")
     n_items = pq.read_metadata(d / CATALOG).num_rows
+    if pq.read_metadata(d / INTERACTIONS).num_rows == 0:
+        raise TrainError(f"domain {name!r}: {d / INTERACTIONS} holds no user sequences")
     datasets.disable_progress_bars()
-    ds = datasets.Dataset.from_parquet(str(d / INTERACTIONS), cache_dir=cache_dir)
+    try:
+        ds = datasets.Dataset.from_parquet(str(d / INTERACTIONS), cache_dir=cache_dir)
+    except Exception as exc:  # datasets wraps Arrow errors in its own types
+        raise TrainError(f"domain {name!r}: cannot read {d / INTERACTIONS}: {exc}") from None
+    if "items" not in ds.column_names:
+        raise TrainError(f"domain {name!r}: {d / INTERACTIONS} has no 'items' column; repack the domain")
     col = ds.data.column("items")  # the Arrow column: no Python objects on this path
     arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    if len(arr) == 0:
-        raise TrainError(f"domain {name!r}: {d / INTERACTIONS} holds no user sequences")
     offsets = arr.offsets.to_numpy().astype(np.int64)  # of this (possibly sliced) array
     items = arr.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]  # `values` ignores slicing
     offsets = offsets - offsets[0]

@@ -11,6 +11,7 @@ writing a checkpoint (resume with resume=auto).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,11 +21,10 @@ from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..config import PretrainConfig, save_config
-from ..locking import LockedError, exclusive_dir_lock
+from ..locking import LockedError, exclusive_dir_lock, loader_worker_init
 from ..losses import NegativeSampler
 from ..model.ant import ANT, ANTConfig
 from ..model.irl import IRLConfig
@@ -251,7 +251,8 @@ def run(cfg: PretrainConfig, stage: str = "pretrain") -> dict:
                                    sampler.probs if sampler else None, cfg.shared_negatives,
                                    features if features.placement == "mmap" else None)
             loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.num_workers,
-                                                 prefetch_factor=4 if cfg.num_workers else None)
+                                                 prefetch_factor=4 if cfg.num_workers else None,
+                                                 worker_init_fn=loader_worker_init())
             t_step = time.time()
             for j, batch in enumerate(loader):
                 torch.manual_seed(step_seed(cfg.seed, state["step"], rank))
@@ -320,16 +321,26 @@ def run(cfg: PretrainConfig, stage: str = "pretrain") -> dict:
         if not last_val or (cfg.eval_every and state["step"] % cfg.eval_every):
             last_val = validate()
         unwrapped = accelerator.unwrap_model(objective).model
+        # every process must hold the same parameters: record each one's digest to show it
+        digests = gather_object([_param_digest(unwrapped)])
         if main:
             export_model(unwrapped, run_dir / "model", {
                 "stage": stage, "domains": corpus.names, "items_per_domain": [d.n_items for d in domains],
                 "features": str(cfg.features), "shards": str(cfg.shards), "step": state["step"]})
         summary = {"event": "end", "step": state["step"], "epochs": state["epoch"], "world_size": world,
-                   "seconds": round(time.time() - t_run, 2), "validation": last_val}
+                   "seconds": round(time.time() - t_run, 2), "validation": last_val, "param_digests": digests}
         metrics_log.write(summary)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return summary
+
+
+def _param_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _newest(run_dir: Path) -> str:

@@ -1,0 +1,323 @@
+"""Pre-training end to end: real launches (python -m, accelerate launch on 2 CPU processes,
+DeepSpeed ZeRO-2), data-parallel equivalence, resume after SIGKILL, stop on SIGUSR1, resume on
+another process count, the non-finite guard and bad input. Tiny synthetic data, tiny encoders."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ant_dist.config import EmbedConfig, PackConfig, SynthConfig
+from ant_dist.data.pack import pack_domain
+from ant_dist.data.synth import synthesize
+from ant_dist.encoders import minilm_path, save_random_swin
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "WANDB_MODE": "offline"}
+ENV.pop("ACCELERATE_USE_CPU", None)
+ENV.pop("ACCELERATE_USE_DEEPSPEED", None)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Two auxiliary domains packed and embedded with tiny random encoders."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from ant_dist.embed import run as embed
+
+    root = tmp_path_factory.mktemp("world")
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    save_random_swin(root / "swin", image_size=32, embed_dim=16)
+    manifest = synthesize(SynthConfig(out=str(root / "raw"), aux_domains=["Food", "Home"], target_domains=[],
+                                      items_per_domain=300, users_per_domain=500, image_size=32, progress=False))
+    for d in manifest["aux"]:
+        pack_domain(PackConfig(domain=d["name"], meta=d["meta"], interactions=d["interactions"], images=d["images"],
+                               out=str(root / "shards"), shard_max_items=100, workers=1, progress=False))
+    embed(EmbedConfig(shards=str(root / "shards"), out=str(root / "features"), text_encoder=str(root / "bert"),
+                      image_encoder=str(root / "swin"), text_pooling="mean", batch_size=64, num_workers=0,
+                      progress=False))
+    return root
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(world, run, *extra):
+    return [f"shards={world / 'shards'}", f"features={world / 'features'}", "domains=[Food,Home]",
+            f"out={world / 'runs'}", f"run_name={run}", "hidden=32", "batch_size=64", "n_negatives=128",
+            "eval_users=50", "progress=false", "tracker=none", "num_workers=1", *extra]
+
+
+def _cmd(world, run, *extra, processes=1, engine="ddp"):
+    args = ["-m", "ant_dist.pretrain", *_args(world, run, *extra)]
+    if processes == 1 and engine == "ddp":
+        return [sys.executable, *args]
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    if engine == "deepspeed":
+        launch += ["--config_file", str(Path(__file__).parents[1] / "configs/accelerate/zero2.yaml")]
+    else:
+        launch += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*launch, "--num_processes", str(processes), "--num_machines", "1",
+            "--main_process_port", str(_free_port()), *args]
+
+
+def _env(engine="ddp"):
+    # DDP on CPU needs ACCELERATE_USE_CPU; DeepSpeed on CPU must not have it (it would fall back to DDP)
+    return ENV if engine == "deepspeed" else {**ENV, "ACCELERATE_USE_CPU": "1"}
+
+
+def _run(cmd, engine="ddp", timeout=600):
+    return subprocess.run(cmd, env=_env(engine), capture_output=True, text=True, timeout=timeout)
+
+
+def _records(run_dir, event=None):
+    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if event is None or r["event"] == event]
+
+
+def _params(run_dir):
+    return load_file(str(Path(run_dir) / "model" / "model.safetensors"))
+
+
+def _max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _wait_for(predicate, proc, what, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _kill_tree(proc):
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=60)
+
+
+def _ranks(launcher):
+    """The training processes of an `accelerate launch` (its direct children)."""
+    return psutil.Process(launcher.pid).children()
+
+
+# ----------------------------------------------------------------------------- launches
+@pytest.mark.slow
+def test_two_process_launch_trains_logs_and_exports(world):
+    res = _run(_cmd(world, "two", "tracker=wandb", "max_epochs=3", "checkpoint_every=10", "log_every=2",
+                    processes=2))
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = world / "runs" / "two"
+    assert _records(run, "start")[0]["world_size"] == 2
+    train = [r["train/rec_loss"] for r in _records(run, "train")]
+    assert np.mean(train[-3:]) < np.mean(train[:3]) - 0.3, train
+    end = _records(run, "end")[0]
+    assert len(end["param_digests"]) == 2 and len(set(end["param_digests"])) == 1
+    assert "val/Food/ndcg@10" in end["validation"] and "val/Home/recall@10" in end["validation"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000040", "step-00000048"]
+    assert (run / "model" / "model.safetensors").is_file() and (run / "model" / "model_config.json").is_file()
+    assert (run / "pretrain_config.yaml").is_file()
+    # the offline W&B run holds the logged keys
+    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1
+    blob = offline[0].read_bytes()
+    for key in (b"train/rec_loss", b"train/align_loss", b"train/grad_norm", b"train/lr", b"perf/positions_per_s",
+                b"val/Food/ndcg@10"):
+        assert key in blob, key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["exact", "sampled"])
+def test_two_processes_step_like_one_process_on_the_joint_batch(world, loss):
+    # no randomness inside the step (dropout, gate noise off; one negative set for both
+    # processes), no per-process term (R_c off): then DDP with B per process must equal one
+    # process with 2B, and differ clearly from one process with B
+    exact = ["gate_noise=false", "dropout=0", "irl_dropout=0", "align_weight=0", "shared_negatives=true",
+             "max_steps=2", "warmup_steps=1", f"loss={loss}", "eval_users=10"]
+    one = _run(_cmd(world, f"eq1-{loss}", *exact, "batch_size=64"))
+    two = _run(_cmd(world, f"eq2-{loss}", *exact, "batch_size=64", processes=2))
+    half = _run(_cmd(world, f"eqh-{loss}", *exact, "batch_size=32"))
+    for res in (one, two, half):
+        assert res.returncode == 0, res.stderr[-3000:]
+    p1, p2, ph = (_params(world / "runs" / f"eq{n}-{loss}") for n in ("1", "2", "h"))
+    assert _max_diff(p1, p2) < 1e-5
+    assert _max_diff(p1, ph) > 1e-3
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_launch(world):
+    res = _run(_cmd(world, "zero2", "max_epochs=2", "checkpoint_every=8", processes=2, engine="deepspeed"),
+               engine="deepspeed", timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = world / "runs" / "zero2"
+    start = _records(run, "start")[0]
+    assert start["engine"] == "deepspeed" and start["world_size"] == 2
+    train = [r["train/rec_loss"] for r in _records(run, "train")]
+    assert train[-1] < train[0]
+    assert len(set(_records(run, "end")[0]["param_digests"])) == 1
+    assert (run / "model" / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- interruptions
+@pytest.mark.slow
+def test_sigkill_one_rank_then_resume_equals_uninterrupted(world):
+    common = ["max_epochs=3", "checkpoint_every=4"]
+    ref = _run(_cmd(world, "ref", *common, processes=2))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = world / "runs" / "killed"
+    proc = subprocess.Popen(_cmd(world, "killed", *common, processes=2), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: (run / "checkpoints" / "step-00000008").is_dir(), proc, "the second checkpoint")
+        _ranks(proc)[-1].kill()  # one rank dies mid-epoch (16 steps per epoch); the launcher stops the rest
+        proc.wait(timeout=120)
+    finally:
+        _kill_tree(proc)
+    assert proc.returncode != 0
+    assert not (run / "model").exists()
+    res = _run(_cmd(world, "killed", *common, processes=2))
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = _records(run, "start")[-1]["resumed_from"]
+    assert resumed and int(resumed.rsplit("-", 1)[1]) >= 8
+    a, b = _params(world / "runs" / "ref"), _params(run)
+    # bitwise on CPU: every random draw is a function of (seed, step, rank), the data order of
+    # (seed, epoch), and the checkpoint holds the exact parameters and optimizer state
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _trained(run_dir):
+    out = {}
+    for f in (Path(run_dir) / "trace").glob("rank-*.jsonl"):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            out.setdefault(r["epoch"], []).extend(r["users"])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_resume_on_another_process_count_trains_each_sequence_once(world, before, after):
+    run_name = f"resize-{before}-{after}"
+    run = world / "runs" / run_name
+    common = ["max_epochs=2", "checkpoint_every=3", "trace_batches=true"]
+    proc = subprocess.Popen(_cmd(world, run_name, *common, processes=before), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (run / "checkpoints" / "step-00000003").is_dir(), proc, "the first checkpoint")
+        targets = _ranks(proc) if before > 1 else [psutil.Process(proc.pid)]
+        for p in targets:
+            p.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        _kill_tree(proc)
+    # each process exits 75; `accelerate launch` itself turns any non-zero child into 1
+    assert proc.returncode == (75 if before == 1 else 1), err[-2000:]
+    if before > 1:
+        assert err.count("exitcode  : 75") == 2, err[-2000:]
+    stopped = _records(run, "stopped")[0]["step"]
+    assert 3 <= stopped < 32
+    res = _run(_cmd(world, run_name, *common, processes=after))
+    assert res.returncode == 0, res.stderr[-3000:]
+    from ant_dist.train.data import Corpus, read_domain
+
+    food = read_domain(world / "shards", "Food", 0)
+    corpus = Corpus([food, read_domain(world / "shards", "Home", food.n_items)])
+    trained = _trained(run)
+    assert sorted(trained) == [0, 1]
+    for epoch, users in trained.items():
+        assert sorted(users) == sorted(corpus.train_users.tolist()), f"epoch {epoch}"
+
+
+@pytest.mark.slow
+def test_sigusr1_writes_a_checkpoint_and_exits_75(world):
+    run = world / "runs" / "usr1"
+    proc = subprocess.Popen(_cmd(world, "usr1", "max_epochs=20", "checkpoint_every=5"), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (run / "checkpoints" / "step-00000005").is_dir(), proc, "the first checkpoint")
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        _kill_tree(proc)
+    assert proc.returncode == 75, err[-2000:]
+    assert "resume=auto" in err
+    stopped = _records(run, "stopped")[0]["step"]
+    assert (run / "checkpoints" / f"step-{stopped:08d}" / "state.json").is_file()
+    assert not (run / "model").exists()
+
+
+# ----------------------------------------------------------------------------- guards, bad input
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_the_step_and_term_and_keeps_the_checkpoint(world):
+    res = _run(_cmd(world, "nan", "max_epochs=2", "checkpoint_every=4", "fail_at_step=6"))
+    assert res.returncode == 3
+    assert "step 6" in res.stderr and "recommendation loss" in res.stderr
+    assert "Traceback" not in res.stderr
+    run = world / "runs" / "nan"
+    assert [p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-00000004"]
+    saved = load_file(str(run / "checkpoints" / "step-00000004" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert not (run / "model").exists()
+
+
+def _copy_world(world, tmp_path):
+    shutil.copytree(world / "shards", tmp_path / "shards")
+    shutil.copytree(world / "features", tmp_path / "features")
+    return tmp_path
+
+
+def _refused(world_dir, run, *extra, expect):
+    res = _run(_cmd(world_dir, run, *extra))
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert expect in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    run_dir = world_dir / "runs" / run
+    assert not (run_dir / "model").exists() and not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_bad_input_is_refused_with_a_clear_message(world, tmp_path):
+    w = _copy_world(world, tmp_path)
+    _refused(w, "missing", "domains=[Food,Garden]", expect="domain 'Garden'")
+    _refused(w, "unknown-key", "learning_rate=1", expect="learning_rate")
+    # an incomplete feature table (an embedding pass that did not finish)
+    manifest = json.loads((w / "features/Home/manifest.json").read_text())
+    (w / "features/Home/manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    _refused(w, "incomplete", expect="incomplete")
+    (w / "features/Home/manifest.json").write_text(json.dumps(manifest))
+    # a feature table whose rows do not match the catalog
+    text = np.load(w / "features/Food/text.npy")
+    np.save(w / "features/Food/text.npy", text[:-5])
+    _refused(w, "rows", expect="rows")
+    np.save(w / "features/Food/text.npy", text)
+    # a domain with no user sequences
+    inter = pq.read_table(w / "shards/Home/interactions.parquet")
+    pq.write_table(inter.slice(0, 0), w / "shards/Home/interactions.parquet")
+    _refused(w, "empty", expect="no user sequences")
