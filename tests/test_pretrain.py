@@ -237,10 +237,11 @@ def test_resume_on_another_process_count_trains_each_sequence_once(world, before
         _, err = proc.communicate(timeout=300)
     finally:
         _kill_tree(proc)
-    # each process exits 75; `accelerate launch` itself turns any non-zero child into 1
+    # each process exits 75; `accelerate launch` itself turns any non-zero child into 1 (and
+    # may SIGTERM a process that is still exiting when the first one has)
     assert proc.returncode == (75 if before == 1 else 1), err[-2000:]
     if before > 1:
-        assert err.count("exitcode  : 75") == 2, err[-2000:]
+        assert "exitcode  : 75" in err, err[-2000:]
     stopped = _records(run, "stopped")[0]["step"]
     assert 3 <= stopped < 32
     res = _run(_cmd(world, run_name, *common, processes=after))
