@@ -251,7 +251,7 @@ class PretrainConfig:
     precision: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
     seed: int = opt(0, "seed of the data order, negatives, dropout and initialisation")
     # evaluation, checkpoints, monitoring
-    eval_every: int = opt(0, "validate every N steps (0 = at the end of each epoch)")
+    eval_every: int = opt(0, "validate every N steps (0 = at the end of each epoch, -1 = never: benchmarks)")
     eval_users: int = opt(2000, "validation users per domain (a fixed random subset; 0 = all)")
     exclude_history: bool = opt(True, "remove a user's earlier items from the ranking (RecBole: false)")
     checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end; 0 = only at the end)")

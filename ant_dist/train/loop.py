@@ -300,7 +300,7 @@ def run(cfg: PretrainConfig, stage: str = "pretrain") -> dict:
                     metrics_log.write({"event": "train", "step": state["step"], **record})
                     bar.set_postfix(loss=f"{rec:.3f}", lr=f"{record['train/lr']:.1e}")
                 epoch_done = state["consumed"] == 0
-                if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or (not cfg.eval_every and epoch_done):
+                if (cfg.eval_every > 0 and state["step"] % cfg.eval_every == 0) or (not cfg.eval_every and epoch_done):
                     last_val = validate()
                 if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                     checkpoint()
@@ -318,7 +318,7 @@ def run(cfg: PretrainConfig, stage: str = "pretrain") -> dict:
         # ---- the end: checkpoint, final validation, exported model
         if last_saved != state["step"]:
             checkpoint()
-        if not last_val or (cfg.eval_every and state["step"] % cfg.eval_every):
+        if cfg.eval_every >= 0 and (not last_val or (cfg.eval_every and state["step"] % cfg.eval_every)):
             last_val = validate()
         unwrapped = accelerator.unwrap_model(objective).model
         # every process must hold the same parameters: record each one's digest to show it
