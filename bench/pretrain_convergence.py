@@ -25,11 +25,16 @@ TUNED = ["hidden=64", "batch_size=256", "lr=5e-3", "warmup_steps=20", "schedule=
          "loss=sampled", "n_negatives=1024"]
 RUNS = {
     "tuned": TUNED + ["max_steps=1100", "eval_every=100"],
+    "tuned-b128": TUNED + ["batch_size=128", "max_steps=2000", "eval_every=200"],
     # the same number of steps, other losses (what the sampled default costs)
     "exact-300": TUNED + ["loss=exact", "max_steps=300", "eval_every=100"],
     "k256-300": TUNED + ["n_negatives=256", "max_steps=300", "eval_every=100"],
     "k1024-300": TUNED + ["max_steps=300", "eval_every=100"],
     "k4096-300": TUNED + ["n_negatives=4096", "max_steps=300", "eval_every=100"],
+    # one change at a time back towards the reference (what each change bought)
+    "dropout0.5-300": TUNED + ["dropout=0.5", "max_steps=300", "eval_every=100"],
+    "lr1e-3-300": TUNED + ["lr=1e-3", "max_steps=300", "eval_every=100"],
+    "batch128-300": TUNED + ["batch_size=128", "max_steps=300", "eval_every=100"],
     # the issue's reference setting (hidden 64, batch 128, lr 1e-3, exact, paper dropout)
     "reference": ["hidden=64", "batch_size=128", "lr=1e-3", "loss=exact", "dropout=0.5", "max_steps=400",
                   "eval_every=100"],

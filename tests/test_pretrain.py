@@ -131,8 +131,10 @@ def _ranks(launcher):
 # ----------------------------------------------------------------------------- launches
 @pytest.mark.slow
 def test_two_process_launch_trains_logs_and_exports(world):
-    res = _run(_cmd(world, "two", "tracker=wandb", "max_epochs=3", "checkpoint_every=10", "log_every=2",
-                    processes=2))
+    # no WANDB_MODE and no key: the run must choose offline mode itself
+    env = {k: v for k, v in _env().items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    res = subprocess.run(_cmd(world, "two", "tracker=wandb", "max_epochs=3", "checkpoint_every=10", "log_every=2",
+                              processes=2), env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     run = world / "runs" / "two"
     assert _records(run, "start")[0]["world_size"] == 2
@@ -183,6 +185,19 @@ def test_deepspeed_zero2_launch(world):
     assert train[-1] < train[0]
     assert len(set(_records(run, "end")[0]["param_digests"])) == 1
     assert (run / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_memory_mapped_features_train_like_features_in_memory(world):
+    # the loader workers gather each batch's rows from the memory maps: same numbers as the
+    # in-memory gather (only the placement differs)
+    common = ["max_steps=4", "eval_users=20", "align_weight=0.01"]
+    for on in ("device", "mmap"):
+        res = _run(_cmd(world, f"feat-{on}", *common, f"features_on={on}"))
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert _records(world / "runs" / f"feat-{on}", "start")[0]["features_on"] == on
+    a, b = _params(world / "runs" / "feat-device"), _params(world / "runs" / "feat-mmap")
+    assert _max_diff(a, b) < 1e-6
 
 
 # ----------------------------------------------------------------------------- interruptions
@@ -288,6 +303,34 @@ def test_non_finite_loss_stops_with_the_step_and_term_and_keeps_the_checkpoint(w
     assert not (run / "model").exists()
 
 
+@pytest.mark.slow
+def test_a_second_run_on_the_same_folder_is_refused(world):
+    from ant_dist.locking import exclusive_dir_lock
+
+    with exclusive_dir_lock(world / "runs" / "busy", "test"):
+        res = _run(_cmd(world, "busy", "max_steps=2"))
+    assert res.returncode == 2
+    assert f"pid {os.getpid()}" in res.stderr and "Traceback" not in res.stderr
+    assert not (world / "runs" / "busy" / "checkpoints").exists()
+
+
+def test_wandb_goes_offline_without_a_key(monkeypatch, tmp_path):
+    from ant_dist.train.tracking import choose_wandb_mode, wandb_run_id
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    assert choose_wandb_mode() == "offline" and os.environ["WANDB_MODE"] == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert choose_wandb_mode() == "online" and "WANDB_MODE" not in os.environ
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert choose_wandb_mode() == "disabled"
+    # a resumed or requeued run continues the same W&B run: the id depends on the folder only
+    assert wandb_run_id(tmp_path / "a") == wandb_run_id(tmp_path / "b" / ".." / "a") != wandb_run_id(tmp_path / "b")
+
+
 def _copy_world(world, tmp_path):
     shutil.copytree(world / "shards", tmp_path / "shards")
     shutil.copytree(world / "features", tmp_path / "features")
@@ -318,6 +361,11 @@ def test_bad_input_is_refused_with_a_clear_message(world, tmp_path):
     np.save(w / "features/Food/text.npy", text[:-5])
     _refused(w, "rows", expect="rows")
     np.save(w / "features/Food/text.npy", text)
+    # feature tables embedded from other shards (the catalog was rewritten since)
+    catalog = pq.read_table(w / "shards/Food/catalog.parquet")
+    pq.write_table(catalog, w / "shards/Food/catalog.parquet", compression="gzip")
+    _refused(w, "other-shards", expect="other shards")
+    shutil.copy(world / "shards/Food/catalog.parquet", w / "shards/Food/catalog.parquet")
     # a domain with no user sequences
     inter = pq.read_table(w / "shards/Home/interactions.parquet")
     pq.write_table(inter.slice(0, 0), w / "shards/Home/interactions.parquet")
