@@ -221,7 +221,10 @@ def run(cfg: PretrainConfig, stage: str = "pretrain") -> dict:
                             {**state, "world_size": world, "engine": "deepspeed" if deepspeed else "ddp",
                              "config": asdict(cfg)}, run_dir, cfg.keep_checkpoints, deepspeed)
 
+        validated_at = {"step": -1}
+
         def validate() -> dict:
+            validated_at["step"] = state["step"]
             res = evaluate(accelerator.unwrap_model(objective).model, features, corpus, val_users, "valid",
                            cfg.max_len, cfg.exclude_history, cfg.exact_chunk, device, rank, world, gather_object)
             flat = {f"val/{d}/{k}": v for d, r in res.items() for k, v in r["mean"].items()}
@@ -318,7 +321,7 @@ def run(cfg: PretrainConfig, stage: str = "pretrain") -> dict:
         # ---- the end: checkpoint, final validation, exported model
         if last_saved != state["step"]:
             checkpoint()
-        if cfg.eval_every >= 0 and (not last_val or (cfg.eval_every and state["step"] % cfg.eval_every)):
+        if cfg.eval_every >= 0 and validated_at["step"] != state["step"]:
             last_val = validate()
         unwrapped = accelerator.unwrap_model(objective).model
         # every process must hold the same parameters: record each one's digest to show it
