@@ -152,6 +152,7 @@ def run(cfg: PretrainConfig, stage: str = "pretrain") -> dict:
     main = accelerator.is_main_process
     with ExitStack() as stack:
         _lock_run_dir(accelerator, run_dir, stack)
+        accelerator.print(f"{stage}: run folder {run_dir.resolve()} ({world} process(es))", flush=True)
 
         # ---- data: sequences of every domain, one joint catalog, its features
         with accelerator.main_process_first():  # the first reader builds the Arrow cache
