@@ -60,14 +60,20 @@ class SynthConfig:
 @dataclass
 class PackConfig:
     domain: str = opt("???", "domain name, also the output sub-folder under `out`")
-    format: str = opt("amazon2018", "raw input format: amazon2018 | amazon2023 | table")
+    format: str = opt("amazon2018", "raw input format: amazon2018 | amazon2023 | table | recbole "
+                      "(RecBole atomic files: meta=<name>.item, interactions=<name>.inter)")
     meta: str = opt("???", "item metadata file: meta JSON lines (.json/.jsonl, optionally .gz) or, "
-                    "for format=table, a CSV/Parquet with columns id, text[, price, image]")
+                    "for format=table, a CSV/TSV/Parquet with columns id (or item_id), text (or "
+                    "title)[, price, image]")
     interactions: str = opt("???", "interactions: amazon2018 ratings CSV (item,user,rating,timestamp) "
-                            "or review JSON lines; amazon2023 review JSON lines; table CSV/Parquet "
-                            "with columns user, item, timestamp")
+                            "or review JSON lines; amazon2023 review JSON lines; table CSV/TSV/Parquet "
+                            "with columns user (or user_id), item (or item_id), timestamp (or time)")
     images: Optional[str] = opt(None, "folder of item images named <item_id>.<jpg|jpeg|png|webp>")
     out: str = opt("shards", "output root; the domain is written to <out>/<domain>/")
+    columns: dict = opt({}, "format=table: column names of your files, by our name, for names other than the "
+                        "accepted ones, e.g. {user: uid, item: iid, timestamp: ts, id: iid, text: name}")
+    tie_break: str = opt("input", "order of one user's interactions with the same timestamp: input (their order "
+                         "in the file: a stable sort, as RecBole's) | item (by item id)")
     min_core: int = opt(5, "iterative k-core: keep users and items with at least this many interactions")
     max_seq_len: int = opt(50, "keep each user's most recent N interactions (after k-core)")
     max_text_chars: int = opt(1000, "item texts are cut to this many characters (at a word boundary)")

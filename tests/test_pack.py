@@ -105,7 +105,7 @@ def test_amazon2018_fixture_exact_outputs(tmp_path):
     assert catalog[0]["image_ext"] == "jpg"
     assert inter == [
         {"user_id": "u1", "items": [1, 2], "timestamps": [20, 30]},   # last 2 of A1, A2, A3
-        {"user_id": "u2", "items": [0, 1], "timestamps": [5, 5]},     # tie broken by item id
+        {"user_id": "u2", "items": [1, 0], "timestamps": [5, 5]},     # same-second tie kept in file order
         {"user_id": "u5", "items": [2, 0], "timestamps": [2, 3]},
     ]
     assert report["status"] == "complete"
@@ -375,7 +375,7 @@ def test_most_recent_matches_brute_force(seed):
     users = rng.integers(0, 30, 2000)
     ts = rng.integers(0, 50, 2000)  # many ties
     items = rng.integers(0, 100, 2000)
-    order = sort_interactions(users, ts, items)
+    order = sort_interactions(users, ts, items, tie_break="item")
     keep = most_recent(users[order], 50)
     got = sorted(zip(users[order][keep].tolist(), ts[order][keep].tolist(), items[order][keep].tolist()))
     expected = []
@@ -405,3 +405,13 @@ def test_shards_hold_every_catalog_item_once_with_source_bytes(tmp_path):
             ext = c["image_ext"]
             assert s[ext] == (Path(d["images"]) / f"{c['item_id']}.{ext}").read_bytes()
     assert sum(c["has_image"] for c in catalog) > 0.8 * len(catalog)
+
+
+def test_duplicates_are_found_when_ties_keep_file_order():
+    from ant_dist.data.filtering import duplicate_mask, sort_interactions
+
+    # user 0 has items 5, 6, 5 in the same second: in file order the two 5s are not adjacent
+    users, items, ts = np.array([0, 0, 0, 1]), np.array([5, 6, 5, 5]), np.array([1, 1, 1, 1])
+    order = sort_interactions(users, ts, items, tie_break="input")
+    assert order.tolist() == [0, 1, 2, 3]
+    assert duplicate_mask(users[order], items[order], ts[order]).tolist() == [False, False, True, False]

@@ -17,4 +17,7 @@ if [ -n "$TORCH_SPEC" ]; then
 fi
 # DS_BUILD_OPS=0: DeepSpeed installs without compiling CUDA ops (they JIT-build when used).
 DS_BUILD_OPS=0 $PIP install -q -e ".[dev,deepspeed]"
+# RecBole's wheel ships the real ml-100k atomic files the packer tests read; only its files are
+# used (never imported), so its dependencies are not installed.
+$PIP install -q --no-deps "recbole==1.2.1"
 echo "ant-dist installed in $VENV"

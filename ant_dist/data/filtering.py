@@ -42,13 +42,34 @@ def k_core_filter(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
         keep = new_keep
 
 
-def sort_interactions(users: np.ndarray, timestamps: np.ndarray, item_keys: np.ndarray) -> np.ndarray:
-    """Order that sorts by user, then time, then item key (deterministic tie-break).
+TIE_BREAKS = ("input", "item")
 
-    Two interactions of one user with the same timestamp are ordered by item key, so the
-    result does not depend on the order of lines in the input file.
+
+def sort_interactions(users: np.ndarray, timestamps: np.ndarray, item_keys: np.ndarray,
+                      tie_break: str = "input") -> np.ndarray:
+    """Order that sorts by user, then time; same-timestamp ties by `tie_break`.
+
+    "input": ties keep their order in the input file (a stable sort, as RecBole and pandas do),
+    so the sequences, and so the held-out validation/test items, match other tools on data
+    with same-second ties. "item": ties by item key (the order is then independent of the
+    order of lines in the file).
     """
-    return np.lexsort((item_keys, timestamps, users))
+    if tie_break == "input":
+        return np.lexsort((np.arange(len(users)), timestamps, users))
+    if tie_break == "item":
+        return np.lexsort((item_keys, timestamps, users))
+    raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
+
+
+def duplicate_mask(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+    """True at every repeat of an earlier (user, item, timestamp) row; the first one is kept."""
+    order = np.lexsort((np.arange(len(users)), timestamps, items, users))
+    u, i, t = users[order], items[order], timestamps[order]
+    repeat = np.zeros(len(order), dtype=bool)
+    repeat[1:] = (u[1:] == u[:-1]) & (i[1:] == i[:-1]) & (t[1:] == t[:-1])
+    out = np.zeros(len(order), dtype=bool)
+    out[order] = repeat
+    return out
 
 
 def most_recent(users_sorted: np.ndarray, max_len: int) -> np.ndarray:

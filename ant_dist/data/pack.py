@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from ..config import PackConfig, save_config
 from ..locking import die_with_parent, exclusive_dir_lock
 from .cleaning import normalise_price
-from .filtering import group_offsets, k_core_filter, most_recent, sort_interactions, sorted_codes
+from .filtering import (TIE_BREAKS, duplicate_mask, group_offsets, k_core_filter, most_recent, sort_interactions,
+                        sorted_codes)
 from .raw_readers import FORMATS, InputError, index_images, read_interactions, read_items
 from .report import BadInputLog
 from .shards import SHARD_PATTERN, ShardItem, plan_shards, write_shard
@@ -76,6 +77,8 @@ def pack_domain(cfg: PackConfig) -> dict:
         raise InputError(f"format must be one of {FORMATS}, got {cfg.format!r}")
     if cfg.min_core < 1 or cfg.max_seq_len < 2 or cfg.workers < 1:
         raise InputError("min_core must be >= 1, max_seq_len >= 2 and workers >= 1")
+    if cfg.tie_break not in TIE_BREAKS:
+        raise InputError(f"tie_break must be one of {TIE_BREAKS}, got {cfg.tie_break!r}")
     t0 = time.time()
     out = Path(cfg.out) / cfg.domain
     # Held until the catalog is written (or the pack fails): everything below writes in `out`.
@@ -88,13 +91,13 @@ def _pack_locked(cfg: PackConfig, out: Path, t0: float) -> dict:
     log = BadInputLog(cfg.examples_per_reason)
 
     items, meta_records = read_items(cfg.format, cfg.meta, log, max_text_chars=cfg.max_text_chars,
-                                     max_price=cfg.max_price, progress=cfg.progress)
+                                     max_price=cfg.max_price, progress=cfg.progress, columns=cfg.columns)
     meta_bad = sum(log.skipped.values())
     images = index_images(cfg.images)
     for item_id, path in images.items():
         if item_id in items and items[item_id].image_path is None:
             items[item_id].image_path = path
-    inter = read_interactions(cfg.format, cfg.interactions, log, progress=cfg.progress)
+    inter = read_interactions(cfg.format, cfg.interactions, log, progress=cfg.progress, columns=cfg.columns)
     inter_bad = sum(log.skipped.values()) - meta_bad
 
     report: dict = {"domain": cfg.domain, "format": cfg.format,
@@ -117,10 +120,9 @@ def _pack_locked(cfg: PackConfig, out: Path, t0: float) -> dict:
     user_ids, user_codes = sorted_codes(inter.users.filter(mask))
     item_ids, item_codes = sorted_codes(inter.items.filter(mask))
     ts = inter.timestamps[known]
-    order = sort_interactions(user_codes, ts, item_codes)
+    order = sort_interactions(user_codes, ts, item_codes, cfg.tie_break)
     user_codes, item_codes, ts = user_codes[order], item_codes[order], ts[order]
-    dup = np.zeros(len(ts), dtype=bool)
-    dup[1:] = (user_codes[1:] == user_codes[:-1]) & (item_codes[1:] == item_codes[:-1]) & (ts[1:] == ts[:-1])
+    dup = duplicate_mask(user_codes, item_codes, ts)
     log.skipped["duplicate_interaction"] += int(dup.sum())
     user_codes, item_codes, ts = user_codes[~dup], item_codes[~dup], ts[~dup]
     n_before = len(ts)
@@ -199,7 +201,7 @@ def _pack_locked(cfg: PackConfig, out: Path, t0: float) -> dict:
                           "items_with_image": int(sum(has_image)),
                           "items_with_price": int(sum(p is not None for p in prices))},
                   config={k: getattr(cfg, k) for k in ("min_core", "max_seq_len", "max_text_chars",
-                                                       "price_cap", "max_price")})
+                                                       "price_cap", "max_price", "tie_break")})
     _write_json(report, out / REPORT)
     save_config(cfg, out / "pack_config.yaml")
     catalog = pa.table({

@@ -1,4 +1,4 @@
-"""Readers for raw catalogs: Amazon 2018, Amazon 2023 and a generic table format.
+"""Readers for raw catalogs: Amazon 2018, Amazon 2023, a generic table format, RecBole atomic files.
 
 Each reader streams its input, never trusts a field, and reports every dropped or repaired
 record to a `BadInputLog`. Items come out as `RawItem`s keyed by id; interactions come out
@@ -26,7 +26,10 @@ from tqdm.auto import tqdm
 from .cleaning import item_text, parse_price, validate_price
 from .report import BadInputLog
 
-FORMATS = ("amazon2018", "amazon2023", "table")
+FORMATS = ("amazon2018", "amazon2023", "table", "recbole")
+# accepted column names of format=table, by our name (the `columns` option maps any others)
+ALIASES = {"id": ("id", "item_id"), "text": ("text", "title"), "price": ("price",), "image": ("image",),
+           "user": ("user", "user_id"), "item": ("item", "item_id"), "timestamp": ("timestamp", "time")}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -112,13 +115,17 @@ def _meta_fields_2023(obj: dict):
 
 
 def read_items(fmt: str, meta: str | Path, log: BadInputLog, *, max_text_chars: int,
-               max_price: float, progress: bool = True) -> tuple[dict[str, RawItem], int]:
+               max_price: float, progress: bool = True,
+               columns: Optional[dict] = None) -> tuple[dict[str, RawItem], int]:
     """Item id -> RawItem from a metadata file, and the number of records read."""
     path = Path(meta)
     if not path.is_file():
         raise InputError(f"metadata file not found: {path}")
     if fmt == "table":
-        return _read_items_table(path, log, max_text_chars=max_text_chars, max_price=max_price)
+        return _read_items_table(path, log, max_text_chars=max_text_chars, max_price=max_price,
+                                 columns=columns or {})
+    if fmt == "recbole":
+        return _read_items_recbole(path, log, max_text_chars=max_text_chars, max_price=max_price)
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     fields = _meta_fields_2018 if fmt == "amazon2018" else _meta_fields_2023
@@ -162,11 +169,34 @@ def _read_table(path: Path) -> pa.Table:
     raise InputError(f"{path}: expected .csv, .tsv or .parquet")
 
 
-def _read_items_table(path: Path, log: BadInputLog, *, max_text_chars: int, max_price: float):
-    table = _read_table(path)
-    cols = set(table.column_names)
-    if not {"id", "text"} <= cols:
-        raise InputError(f"{path}: item table needs columns id and text, has {sorted(cols)}")
+def canonical_columns(table: pa.Table, path: Path, required: tuple[str, ...], optional: tuple[str, ...],
+                      columns: dict) -> pa.Table:
+    """A table with our column names: from `columns` (ours -> theirs), else the first accepted alias."""
+    names = table.column_names
+    unknown = sorted(set(columns) - set(ALIASES))
+    if unknown:
+        raise InputError(f"columns: unknown name(s) {unknown}; ours are {sorted(ALIASES)}")
+    picked = {}
+    for ours in required + optional:
+        if ours in columns:
+            if columns[ours] not in names:
+                raise InputError(f"{path}: columns.{ours}={columns[ours]!r} is not a column of the file; "
+                                 f"it has {names}")
+            picked[ours] = columns[ours]
+        else:
+            found = next((a for a in ALIASES[ours] if a in names), None)
+            if found is not None:
+                picked[ours] = found
+    missing = [c for c in required if c not in picked]
+    if missing:
+        accepted = "; ".join(f"{c}: {' or '.join(ALIASES[c])}" for c in missing)
+        raise InputError(f"{path}: no column for {missing} (accepted names: {accepted}; or map yours with "
+                         f"columns.<ours>=<yours>); the file has {names}")
+    return pa.table({ours: table.column(theirs) for ours, theirs in picked.items()})
+
+
+def _read_items_table(path: Path, log: BadInputLog, *, max_text_chars: int, max_price: float, columns: dict):
+    table = canonical_columns(_read_table(path), path, ("id", "text"), ("price", "image"), columns)
     frame = table.to_pandas()
     items: dict[str, RawItem] = {}
     for i, row in enumerate(frame.itertuples(index=False)):
@@ -179,6 +209,60 @@ def _read_items_table(path: Path, log: BadInputLog, *, max_text_chars: int, max_
             img = Path(image.strip())
             items[item_id].image_path = str(img if img.is_absolute() else path.parent / img)
     return items, len(frame)
+
+
+def recbole_header(path: Path) -> tuple[list[str], dict[str, str]]:
+    """Column names and RecBole types of an atomic file (`name:type` tab-separated header)."""
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\r\n").split("\t")
+    names, types = [], {}
+    for field in header:
+        name, _, kind = field.partition(":")
+        if not name or kind not in ("token", "token_seq", "float", "float_seq"):
+            raise InputError(f"{path}: not a RecBole atomic file (header field {field!r} is not name:type with "
+                             f"type token, token_seq, float or float_seq)")
+        names.append(name)
+        types[name] = kind
+    return names, types
+
+
+def _read_recbole_table(path: Path, log: BadInputLog) -> tuple[pa.Table, dict[str, str], list[int]]:
+    names, types = recbole_header(path)
+    bad_lines: list[int] = []
+
+    def on_invalid(row) -> str:
+        bad_lines.append(row.number or 0)
+        log.skip("malformed_row", f"{path.name}:{row.number}", row.text)
+        return "skip"
+
+    read = pacsv.ReadOptions(column_names=names, skip_rows=1, use_threads=False, block_size=64 << 20)
+    parse = pacsv.ParseOptions(delimiter="\t", quote_char=False, invalid_row_handler=on_invalid,
+                               ignore_empty_lines=True)
+    convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=True)
+    try:
+        table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+    except (pa.ArrowInvalid, OSError, EOFError) as exc:
+        raise InputError(f"{path}: cannot parse as a RecBole atomic file: {exc}") from None
+    return table, types, bad_lines
+
+
+def _read_items_recbole(path: Path, log: BadInputLog, *, max_text_chars: int, max_price: float):
+    """`.item`: item_id:token; every token_seq field (title, genres, ...) joins the item text."""
+    table, types, bad_lines = _read_recbole_table(path, log)
+    if "item_id" not in types:
+        raise InputError(f"{path}: a RecBole .item file needs an item_id:token column, has {list(types)}")
+    text_fields = [n for n, t in types.items() if t == "token_seq"]
+    if not text_fields:
+        raise InputError(f"{path}: no token_seq field to make item texts from (has {list(types)})")
+    ids = table.column("item_id").to_pylist()
+    texts = [table.column(n).to_pylist() for n in text_fields]
+    prices = table.column("price").to_pylist() if types.get("price") == "float" else [None] * len(ids)
+    items: dict[str, RawItem] = {}
+    for i, item_id in enumerate(ids):
+        text = ". ".join(t[i].strip() for t in texts if t[i] and t[i].strip())
+        _add_item(items, log, f"{path.name}:{i + 2}", _first_str(item_id), text, [], None, prices[i],
+                  max_text_chars, max_price, drop_first_category=False)
+    return items, len(ids) + len(bad_lines)
 
 
 def index_images(folder: Optional[str | Path]) -> dict[str, str]:
@@ -204,8 +288,8 @@ def index_images(folder: Optional[str | Path]) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- interactions
-def read_interactions(fmt: str, path: str | Path, log: BadInputLog,
-                      progress: bool = True) -> RawInteractions:
+def read_interactions(fmt: str, path: str | Path, log: BadInputLog, progress: bool = True,
+                      columns: Optional[dict] = None) -> RawInteractions:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"interactions file not found: {path}")
@@ -214,9 +298,14 @@ def read_interactions(fmt: str, path: str | Path, log: BadInputLog,
         return _interactions_from_csv(path, log, ["item", "user", "rating", "timestamp"], header=False)
     if fmt == "table":
         if path.suffix == ".parquet":
-            table = pq.read_table(path)
+            table = canonical_columns(pq.read_table(path), path, ("user", "item", "timestamp"), (), columns or {})
             return _interactions_from_table(table, path, log, lineno_offset=1, total=table.num_rows)
-        return _interactions_from_csv(path, log, None, header=True)
+        return _interactions_from_csv(path, log, None, header=True, columns=columns or {})
+    if fmt == "recbole":
+        table, types, bad_lines = _read_recbole_table(path, log)
+        table = canonical_columns(table, path, ("user", "item", "timestamp"), (), {})
+        return _interactions_from_table(table, path, log, lineno_offset=2, total=table.num_rows + len(bad_lines),
+                                        bad_lines=bad_lines)
     keys = {"amazon2018": ("reviewerID", "asin", "unixReviewTime"),
             "amazon2023": ("user_id", "parent_asin", "timestamp")}
     if fmt not in keys:
@@ -251,7 +340,7 @@ def _interactions_from_json(path: Path, log: BadInputLog, user_key: str, item_ke
 
 
 def _interactions_from_csv(path: Path, log: BadInputLog, names: Optional[list[str]],
-                           header: bool) -> RawInteractions:
+                           header: bool, columns: Optional[dict] = None) -> RawInteractions:
     bad_lines: list[int] = []
 
     def on_invalid(row) -> str:
@@ -262,16 +351,15 @@ def _interactions_from_csv(path: Path, log: BadInputLog, names: Optional[list[st
     # Single-threaded parsing keeps the line numbers of bad rows exact.
     read = pacsv.ReadOptions(column_names=names, use_threads=False, block_size=64 << 20)
     parse = pacsv.ParseOptions(invalid_row_handler=on_invalid, ignore_empty_lines=True)
-    want = ["user", "item", "timestamp"]
-    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in (names or want)},
-                                   strings_can_be_null=True)
+    want = ("user", "item", "timestamp")
+    # ids stay strings whatever they look like ("007" is not 7); absent names are ignored
+    as_text = set(names or []) | {a for c in want for a in ALIASES[c]} | set((columns or {}).values())
+    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in as_text}, strings_can_be_null=True)
     try:
         table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
     except (pa.ArrowInvalid, OSError, EOFError) as exc:
         raise InputError(f"{path}: cannot parse as CSV: {exc}") from None
-    missing = [c for c in want if c not in table.column_names]
-    if missing:
-        raise InputError(f"{path}: interactions need columns {want}, missing {missing}")
+    table = canonical_columns(table, path, want, (), columns or {})
     # Line number of parsed row i: i + 1 (+1 for a header) + bad rows before it.
     return _interactions_from_table(table, path, log, lineno_offset=2 if header else 1,
                                     total=table.num_rows + len(bad_lines), bad_lines=bad_lines)
