@@ -73,7 +73,7 @@ def pretrain_stage(cfg, root: Path) -> int:
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"  # `--cpu` would silently start one process
         env.setdefault("OMP_NUM_THREADS", "1")
-    print("$ " + " ".join(cmd[2:]), flush=True)
+    print("$ accelerate launch " + " ".join(cmd[3:]), flush=True)  # what a user would type
     return subprocess.run(cmd, env=env).returncode
 
 
