@@ -31,6 +31,16 @@ def _say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _close_process_group() -> None:
+    """Tear the process group down before the interpreter exits: left to interpreter shutdown,
+    a communication thread can still be running when its C++ object is destroyed, and the
+    process then aborts (SIGABRT, "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = parse_cli(PretrainConfig, argv, "python -m ant_dist.pretrain", __doc__)
@@ -45,6 +55,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except TrainError as exc:
         _say(f"pretrain: error: {exc}")
         return EXIT_BAD_INPUT
+    finally:
+        _close_process_group()
     if os.environ.get("RANK", "0") == "0":
         val = summary.get("validation", {})
         shown = ", ".join(f"{k.split('/')[1]} NDCG@10 {v:.4f}" for k, v in val.items() if k.endswith("ndcg@10"))
