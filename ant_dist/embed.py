@@ -32,12 +32,30 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import EmbedConfig, parse_cli, save_config
-from .data.feature_table import (FeatureTableError, FeatureTables, catalog_array, create_tables, describe_mismatch,
-                                 identity, read_catalog, read_manifest, shards_fingerprint, verify, write_manifest)
+from .data.feature_table import (
+    FeatureTableError,
+    FeatureTables,
+    catalog_array,
+    create_tables,
+    describe_mismatch,
+    identity,
+    read_catalog,
+    read_manifest,
+    shards_fingerprint,
+    verify,
+    write_manifest,
+)
 from .data.pack import CATALOG
 from .data.shards import iter_shard_samples, shard_paths
-from .encoders import ImageEncoder, TextEncoder, decode_image, encoder_fingerprint, encoder_summary
+from .encoders import (
+    ImageEncoder,
+    TextEncoder,
+    decode_image,
+    encoder_fingerprint,
+    encoder_summary,
+)
 from .locking import DirectoryLock, LockedError, acquire_dir_lock, loader_worker_init
+from .teardown import close_process_group
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -347,6 +365,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (FeatureTableError, LockedError) as exc:
         print(f"embed: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        close_process_group()
     return 0
 
 

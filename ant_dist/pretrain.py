@@ -21,24 +21,22 @@ import sys
 from typing import Optional
 
 from .config import PretrainConfig, parse_cli
+from .teardown import close_process_group
 from .train import TrainError
-from .train.loop import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError, Stopped, run
+from .train.loop import (
+    EXIT_BAD_INPUT,
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    NonFiniteError,
+    Stopped,
+    run,
+)
 
 
 def _say(message: str) -> None:
     # every process reaches the same error; one line is enough
     if os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr, flush=True)
-
-
-def _close_process_group() -> None:
-    """Tear the process group down before the interpreter exits: left to interpreter shutdown,
-    a communication thread can still be running when its C++ object is destroyed, and the
-    process then aborts (SIGABRT, "terminate called without an active exception")."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -56,7 +54,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         _say(f"pretrain: error: {exc}")
         return EXIT_BAD_INPUT
     finally:
-        _close_process_group()
+        close_process_group()
     if os.environ.get("RANK", "0") == "0":
         val = summary.get("validation", {})
         shown = ", ".join(f"{k.split('/')[1]} NDCG@10 {v:.4f}" for k, v in val.items() if k.endswith("ndcg@10"))
