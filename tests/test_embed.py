@@ -245,9 +245,11 @@ def test_pass_on_a_locked_out_is_refused_by_every_rank(shards, encoders, tmp_pat
         assert res.returncode == 2, res.stderr[-3000:]
         [line] = [x for x in res.stderr.splitlines() if x.startswith("embed: error:")]
         assert line.startswith(f"embed: error: {out} is in use by another embedding pass (pid {os.getpid()} on host ")
-        # With 2 ranks, rank 1 must learn of the refusal and stop too, not wait for rank 0 forever.
+        # With 2 ranks every rank learns of the refusal (by broadcast) and stops. Whether rank 1
+        # prints its line before the launcher, seeing rank 0 exit, terminates it is a race, so
+        # only the refusal itself is asserted here.
         res = _run_group(_embed_cmd(shards, out, encoders, processes=2), timeout=300)
         assert res.returncode != 0
         errors = [x for x in res.stderr.splitlines() if x.startswith("embed: error:")]
-        assert len(errors) == 2 and all(f"(pid {os.getpid()} on host " in e for e in errors), res.stderr[-3000:]
+        assert errors and all(f"(pid {os.getpid()} on host " in e for e in errors), res.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # refused before writing anything
