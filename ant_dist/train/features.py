@@ -108,11 +108,11 @@ def load_catalog_features(features_root: str | Path, shards_root: str | Path, na
 
 
 class BatchFeatures:
-    """A FeatureBank over one batch's pre-gathered rows (mmap mode): gather takes batch-local indices."""
+    """A FeatureBank over one batch's gathered rows (text, image, price, has_image as arrays or
+    tensors): gather takes batch-local indices."""
 
     def __init__(self, feats: tuple, device: torch.device):
-        self.text, self.image, self.price, self.has_image = (
-            torch.as_tensor(np.asarray(f)).to(device) for f in feats)
+        self.text, self.image, self.price, self.has_image = (torch.as_tensor(f).to(device) for f in feats)
 
     def gather(self, local: torch.Tensor):
         return self.text[local], self.image[local], self.price[local]

@@ -48,14 +48,11 @@ class TrainObjective(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         device = next(self.model.parameters()).device
         rows = batch["rows"].to(device)
-        # one item-model pass over the batch's distinct rows (inputs, targets, negatives)
-        if "feats" in batch:
-            bank = BatchFeatures(batch["feats"], device)
-            items = self.model.encode_items(torch.arange(len(rows), device=device), bank)
-            has_image = bank.has_image
-        else:
-            items = self.model.encode_items(rows, self.features)
-            has_image = self.features.gather_all(rows)[3]
+        # one gather and one item-model pass over the batch's distinct rows (inputs, targets,
+        # negatives); with memory-mapped features the loader worker already gathered them
+        feats = batch["feats"] if "feats" in batch else self.features.gather_all(rows)
+        bank = BatchFeatures(feats, device)
+        items = self.model.encode_items(torch.arange(len(rows), device=device), bank)
         mask = batch["mask"].to(device)
         inputs, targets = batch["inputs"].to(device), batch["targets"].to(device)
         states = self.model.user_states(items.embedding[inputs] * mask.unsqueeze(-1), mask)
@@ -63,7 +60,8 @@ class TrainObjective(nn.Module):
         h, target_rows = states[at], rows[targets[at]]
 
         if self.loss == "exact":
-            params = [p for p in self.model.param_groups()["irl"] + self.model.param_groups()["id"]]
+            groups = self.model.param_groups()
+            params = groups["irl"] + groups["id"]
             per_position = full_softmax(h, target_rows, lambda r: self.model.encode_items(r, self.features).embedding,
                                         len(self.features), params, tau=self.tau, chunk=self.exact_chunk,
                                         reduction="none")
@@ -83,7 +81,7 @@ class TrainObjective(nn.Module):
             rec_sum = rec_sum * torch.tensor(float("nan"), device=device)
         world = world_size()
         rec = rec_sum / max(batch["n_global"], 1) * world
-        align = alignment_loss(items.z_image, items.z_text, has_image, tau=self.tau)
+        align = alignment_loss(items.z_image, items.z_text, bank.has_image, tau=self.tau)
         total = rec + self.align_weight * align if self.align_weight else rec
         return {"loss": total, "rec_sum": rec_sum.detach(), "align": align.detach(),
                 "positions": torch.tensor(float(len(h)), device=device)}
