@@ -1,14 +1,18 @@
 """Full-ranking evaluation: Recall@k and NDCG@k over every item of the catalog.
 
 Conventions (docs/model.md):
-- The rank of the target is pessimistic: every other item with a score >= the target's
+- The rank of the target is pessimistic: every other ranked item with a score >= the target's
   counts as ranked above it, so ties never flatter a model (a model that scores all items
   equally gets the worst rank, deterministically).
+- NaN counts against the target: a NaN target score ranks every other ranked item above it
+  (the worst rank), and an item with a NaN score counts as above the target.
 - History exclusion: by default a user's earlier items (other than the target itself) are
   removed from the ranking, as the ANT code does; RecBole does not. `exclude_history=False`
-  gives RecBole's setting.
-- Only columns 0..n_items-1 are ranked (padding columns never are); users whose target is
-  negative (padding) are skipped.
+  gives RecBole's setting. History rows outside 0..n_items-1 (padding) are ignored.
+- Only columns 0..n_items-1 are ranked (padding columns never are).
+- Padding users: a negative target gets rank -1 from the rank functions (so ranks stay
+  aligned with their users); `full_ranking_metrics` drops those users, and
+  `metrics_from_ranks` refuses negative ranks. A target >= n_items is an error.
 """
 
 from __future__ import annotations
@@ -22,63 +26,128 @@ from scipy import stats
 from .losses import normalise
 
 DEFAULT_KS = (10, 20, 50)
+PADDING_RANK = -1  # the rank returned for a user whose target is negative (padding)
+
+
+def _check_targets(targets: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets as long with padding clamped to row 0, mask of real targets)."""
+    t = targets.long()
+    if bool((t >= n_items).any()):
+        raise ValueError(f"a target is >= n_items ({n_items}): only columns 0..n_items-1 are ranked")
+    real = t >= 0
+    return t.clamp(min=0), real
+
+
+def _exclusion_pairs(history: Sequence[Sequence[int]], t: torch.Tensor, real: torch.Tensor, n_items: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (user, row) pairs to remove from the ranking: each real user's history rows within the
+    catalog, minus the target itself (padding rows and padding users contribute nothing)."""
+    if len(history) != len(t):
+        raise ValueError(f"history has {len(history)} users, targets {len(t)}")
+    users, rows = [], []
+    for u, hist in enumerate(history):
+        if not real[u]:
+            continue
+        keep = sorted({int(r) for r in hist if 0 <= int(r) < n_items} - {int(t[u])})
+        users += [u] * len(keep)
+        rows += keep
+    return (torch.tensor(users, dtype=torch.long, device=device),
+            torch.tensor(rows, dtype=torch.long, device=device))
+
+
+def _count_above(s: torch.Tensor, target_score: torch.Tensor, ranked: torch.Tensor) -> torch.Tensor:
+    """Per user, the ranked items that count above the target: score >= the target's (ties
+    against the target), a NaN score, or anything at all when the target's score is NaN."""
+    above = (s >= target_score[:, None]) | s.isnan() | target_score.isnan()[:, None]
+    return (above & ranked).sum(dim=1)
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, n_items: Optional[int] = None,
                  history: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
     """0-based pessimistic rank of each user's target among the catalog's items.
 
-    scores: (U, >= n_items); targets: (U,); history: per user, catalog rows to exclude
-    (the target itself is never excluded).
+    scores: (U, >= n_items); targets: (U,), negative = padding user (rank -1); history: per user,
+    catalog rows to exclude (the target itself is never excluded). Every other ranked item with
+    a score >= the target's, or a NaN score, counts above it; a NaN target score gets the worst
+    rank (all other ranked items above it).
     """
     n_items = scores.shape[1] if n_items is None else n_items
-    s = scores[:, :n_items].float().clone()
+    s = scores[:, :n_items].float()
+    t, real = _check_targets(targets.to(s.device), n_items)
+    users = torch.arange(len(t), device=s.device)
+    ranked = torch.ones_like(s, dtype=torch.bool)
     if history is not None:
-        for u, rows in enumerate(history):
-            if len(rows):
-                s[u, torch.as_tensor(list(rows), dtype=torch.long)] = -torch.inf
-    t = targets.long()
-    target_score = scores[torch.arange(len(t)), t].float()
-    s[torch.arange(len(t)), t] = -torch.inf  # the target does not count against itself
-    return (s >= target_score[:, None]).sum(dim=1)
+        ex_u, ex_r = _exclusion_pairs(history, t, real, n_items, s.device)
+        ranked[ex_u, ex_r] = False
+    ranked[users, t] = False  # the target does not count against itself
+    ranks = _count_above(s, s[users, t], ranked)
+    return torch.where(real, ranks, torch.full_like(ranks, PADDING_RANK))
 
 
 def chunked_target_ranks(users: torch.Tensor, targets: torch.Tensor,
                          item_fn: Callable[[torch.Tensor], torch.Tensor], n_items: int,
                          history: Optional[Sequence[Sequence[int]]] = None, chunk: int = 8192,
-                         tie_eps: float = 1e-5) -> torch.Tensor:
+                         tie_eps: Optional[float] = None) -> torch.Tensor:
     """`target_ranks` of cosine scores without materialising (U x n_items): streams item chunks.
 
-    The target's score is computed on its own, so a float rounding difference of the same
-    score computed inside a chunk could break a true tie either way; scores within
-    `tie_eps` of the target's count as ties, i.e. against the target (pessimistic).
+    Same rules as `target_ranks` (pessimistic ties, NaN against the target, rank -1 for a
+    negative target). No tolerance is needed for ties: every score, the target's included, comes
+    out of a matmul of the same shape, (U, d) @ (d, C) with C = min(chunk, n_items) (the last
+    chunk is zero-padded to C columns), so an item vector equal to the target's scores exactly
+    the same. The target's score is read from one such matmul against a (C, d) block holding the
+    users' target vectors. `item_fn(rows)` must return each row's vector independently of the
+    other rows asked for (a table lookup does). `tie_eps` is accepted for backward compatibility
+    and ignored.
     """
+    del tie_eps  # superseded by exact ties (see the docstring)
+    if n_items < 1:
+        raise ValueError("chunked_target_ranks needs n_items >= 1")
+    device = users.device
+    t, real = _check_targets(targets.to(device), n_items)
     un = normalise(users)
-    t = targets.long()
-    target_score = (un * normalise(item_fn(t))).sum(-1)
-    ranks = torch.zeros(len(t), dtype=torch.long, device=users.device)
-    excl = None
+    n_users = len(t)
+    width = min(chunk, n_items)
+
+    def unit_block(rows: torch.Tensor) -> torch.Tensor:
+        # (width, d) unit vectors, zero rows past len(rows): every matmul below has one shape
+        raw = item_fn(rows)
+        block = torch.zeros(width, raw.shape[-1], dtype=raw.dtype, device=raw.device)
+        block[:len(rows)] = raw
+        return normalise(block)
+
+    target_score = torch.empty(n_users, dtype=torch.float32, device=device)
+    for a in range(0, n_users, width):
+        b = min(a + width, n_users)
+        s = un @ unit_block(t[a:b]).T
+        target_score[a:b] = s[torch.arange(a, b, device=device), torch.arange(b - a, device=device)]
+
+    ex_u = ex_r = None
     if history is not None:
-        excl = [torch.as_tensor(sorted(set(int(r) for r in rows) - {int(t[u])}), dtype=torch.long)
-                for u, rows in enumerate(history)]
-    for start in range(0, n_items, chunk):
-        end = min(start + chunk, n_items)
-        e = normalise(item_fn(torch.arange(start, end, device=users.device)))
-        s = un @ e.T
-        idx = ((t >= start) & (t < end)).nonzero(as_tuple=True)[0]
-        s[idx, t[idx] - start] = -torch.inf
-        if excl is not None:
-            for u, rows in enumerate(excl):
-                r = rows[(rows >= start) & (rows < end)]
-                if len(r):
-                    s[u, r - start] = -torch.inf
-        ranks += (s >= (target_score - tie_eps)[:, None]).sum(dim=1)
-    return ranks
+        ex_u, ex_r = _exclusion_pairs(history, t, real, n_items, device)
+    ranks = torch.zeros(n_users, dtype=torch.long, device=device)
+    for start in range(0, n_items, width):
+        end = min(start + width, n_items)
+        s = un @ unit_block(torch.arange(start, end, device=device)).T
+        ranked = torch.zeros_like(s, dtype=torch.bool)
+        ranked[:, :end - start] = True  # the zero padding columns are never ranked
+        here = ((t >= start) & (t < end)).nonzero(as_tuple=True)[0]
+        ranked[here, t[here] - start] = False  # the target does not count against itself
+        if ex_u is not None:
+            sel = (ex_r >= start) & (ex_r < end)
+            ranked[ex_u[sel], ex_r[sel] - start] = False
+        ranks += _count_above(s, target_score, ranked)
+    return torch.where(real, ranks, torch.full_like(ranks, PADDING_RANK))
 
 
 def metrics_from_ranks(ranks: torch.Tensor | np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, np.ndarray]:
-    """Per-user Recall@k and NDCG@k (one relevant item: IDCG = 1)."""
+    """Per-user Recall@k and NDCG@k (one relevant item: IDCG = 1).
+
+    Padding users (rank -1) must be dropped first: a negative rank is refused rather than
+    counted as a hit.
+    """
     r = np.asarray(ranks.cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.int64)
+    if (r < 0).any():
+        raise ValueError("negative rank (a padding user?): drop users with a negative target first")
     out: dict[str, np.ndarray] = {}
     for k in ks:
         hit = r < k
@@ -90,15 +159,14 @@ def metrics_from_ranks(ranks: torch.Tensor | np.ndarray, ks: Sequence[int] = DEF
 def full_ranking_metrics(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = DEFAULT_KS,
                          n_items: Optional[int] = None, history: Optional[Sequence[Sequence[int]]] = None,
                          exclude_history: bool = True) -> dict[str, np.ndarray]:
-    """Per-user metrics from a score matrix; users with a negative (padding) target are dropped.
+    """Per-user metrics from a score matrix; users with a negative (padding) target are dropped
+    (the arrays hold the real users only, in order).
 
     `history` (each user's earlier items) is excluded from the ranking unless
     `exclude_history=False` (RecBole's setting).
     """
-    valid = targets >= 0
-    hist = None if history is None or not exclude_history else [h for h, v in zip(history, valid.tolist()) if v]
-    ranks = target_ranks(scores[valid], targets[valid], n_items, hist)
-    return metrics_from_ranks(ranks, ks)
+    ranks = target_ranks(scores, targets, n_items, history if exclude_history else None)
+    return metrics_from_ranks(ranks[targets.to(ranks.device) >= 0], ks)
 
 
 def summarise(per_user: dict[str, np.ndarray]) -> dict[str, float]:

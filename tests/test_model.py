@@ -140,3 +140,32 @@ def test_ant_e_adds_id_embedding_and_id_baseline():
     idm = ANT(cfg2)
     assert idm.irl is None
     assert torch.equal(idm.encode_items(rows, None).embedding, idm.id_embedding(rows))
+
+
+@pytest.mark.parametrize("source", ["irl", "irl+id", "id"])
+def test_relearning_after_finetuning_freeze_trains_every_reinitialised_parameter(source):
+    # the FT freeze froze the position embeddings too; re-learning must make them trainable again
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    cfg.item_source, cfg.n_items = source, 20
+    model = ANT(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, mean=3.0)  # stand-in for pre-trained weights, far from any init
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.freeze_for_finetuning()
+    model.reinit_for_relearning()
+    # by name, independently of param_groups: Φ_IRL, the ID table and Θ_P are re-learnt
+    relearnt = {n for n in before
+                if n.startswith("irl.") or n.startswith("id_embedding.") or n == "sasrec.position.weight"}
+    assert "sasrec.position.weight" in relearnt and ("id_embedding.weight" in relearnt) == ("id" in source)
+    assert any(n.startswith("irl.") for n in relearnt) == ("irl" in source)
+    for name, p in model.named_parameters():
+        if name in relearnt:
+            assert p.requires_grad, f"{name} was re-initialised but is frozen"
+            assert not torch.equal(p, before[name]), f"{name} was not re-initialised"
+        else:
+            assert name.startswith("sasrec."), name
+            assert not p.requires_grad, f"{name} (Θ_SASRec-P) trains"
+            assert torch.equal(p, before[name]), f"{name} (Θ_SASRec-P) changed"
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert len(frozen) > 0 and frozen.isdisjoint(relearnt)

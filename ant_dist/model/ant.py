@@ -107,13 +107,20 @@ class ANT(nn.Module):
         return groups
 
     def reinit_for_relearning(self) -> None:
-        """ANT's adaptation (eqs. 16-17): re-learn Φ_IRL and Θ_P from scratch, freeze Θ_SASRec-P."""
+        """ANT's adaptation (eqs. 16-17): re-learn Φ_IRL and Θ_P from scratch, freeze Θ_SASRec-P.
+
+        Whatever is re-initialised (item model, ID table, positions) is made trainable again,
+        since an earlier `freeze_for_finetuning` may have frozen it.
+        """
         if self.irl is not None:
             self.irl.reset_parameters()
         if self.id_embedding is not None:
             nn.init.normal_(self.id_embedding.weight, std=0.02)
         self.sasrec.reset_positions()
-        for p in self.param_groups()["sasrec"]:
+        groups = self.param_groups()
+        for p in groups["irl"] + groups["id"] + groups["position"]:
+            p.requires_grad_(True)
+        for p in groups["sasrec"]:
             p.requires_grad_(False)
 
     def freeze_for_finetuning(self) -> None:
