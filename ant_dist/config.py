@@ -48,6 +48,10 @@ class SynthConfig:
     n_styles: int = opt(24, "latent item styles shared by all domains (drive images, prices, order)")
     interests_per_user: int = opt(3, "styles each user returns to when not following the transition map")
     follow_prob: float = opt(0.75, "probability that the next style follows the shared 2nd-order transition map")
+    target_render_shift: float = opt(0.0, "in [0, 1]: fraction of styles (chosen by the seed) whose image and "
+                                     "price level, in target domains only, are those of a different style; "
+                                     "0 = every domain renders a style alike, 1 = an aux-trained item model "
+                                     "misleads on targets (the sequential dynamics stay shared)")
     images: bool = opt(True, "draw item images (turn off at paper scale to save disk)")
     image_size: int = opt(64, "side of the square item images, pixels")
     missing_image_frac: float = opt(0.08, "fraction of items without an image")

@@ -93,3 +93,106 @@ def test_images_carry_style_across_domains_and_texts_do_not(world):
     assert same < 0.3 * other  # a style looks alike in every domain
     assert all(words_a[s].isdisjoint(words_b[s]) for s in common)  # but is named differently
     assert all(len(words_a[s]) == 1 for s in words_a)  # one word per style within a domain
+
+
+# ---------------------------------------------------------------- target_render_shift
+@pytest.fixture(scope="module")
+def world_at(tmp_path_factory, world):
+    """world_at(shift): the fixture world's config, synthesised with that target_render_shift."""
+    cache = {0.0: world}
+
+    def get(shift: float):
+        if shift not in cache:
+            out = tmp_path_factory.mktemp(f"shift{shift}")
+            cache[shift] = out, synthesize(_cfg(out, target_render_shift=shift))
+        return cache[shift]
+    return get
+
+
+def _image_descriptors(out: Path, domain: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: median (≈ background), mean and std of RGB, read from the files; and the true style."""
+    style = _styles(out, domain)
+    feats, labels = [], []
+    for p in sorted((out / domain / "images").iterdir()):
+        px = np.asarray(Image.open(p).convert("RGB"), dtype=float).reshape(-1, 3)
+        feats.append(np.concatenate([np.median(px, 0), px.mean(0), px.std(0)]))
+        labels.append(style[p.stem])
+    return np.array(feats), np.array(labels)
+
+
+def _log_prices(out: Path, domain: str) -> tuple[np.ndarray, np.ndarray]:
+    style = _styles(out, domain)
+    feats, labels = [], []
+    with gzip.open(out / domain / f"meta_{domain}.json.gz", "rt") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            if rec["price"]:  # "$1,234.50" or a range "$a - $b": its low end
+                feats.append([np.log(float(rec["price"].split()[0].lstrip("$").replace(",", "")))])
+                labels.append(style[rec["asin"]])
+    return np.array(feats), np.array(labels)
+
+
+def _aux_trained_predictions(out: Path, manifest: dict, read) -> tuple[np.ndarray, np.ndarray]:
+    """Fit feature -> style on the auxiliary domains' items; predict the target domains' items."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def stack(domains):
+        parts = [read(out, d["name"]) for d in domains]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    x_aux, y_aux = stack(manifest["aux"])
+    x_tgt, y_tgt = stack(manifest["target"])
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_aux, y_aux)
+    return clf.predict(x_tgt), y_tgt
+
+
+@pytest.mark.parametrize("read", [_image_descriptors, _log_prices], ids=["image", "price"])
+def test_render_shift_turns_aux_item_model_from_informative_to_chance(world_at, read):
+    from scipy.stats import binomtest
+    chance = 1 / 24
+    pred, truth = _aux_trained_predictions(*world_at(0.0), read)
+    hits = int((pred == truth).sum())
+    assert binomtest(hits, len(truth), chance, alternative="greater").pvalue < 1e-6, hits / len(truth)
+    if read is _image_descriptors:
+        assert hits / len(truth) > 0.8  # images name the style almost perfectly when shared
+    pred, truth = _aux_trained_predictions(*world_at(1.0), read)
+    hits = int((pred == truth).sum())
+    # not above chance by more than binomial noise (one-sided, p = 0.01)
+    assert binomtest(hits, len(truth), chance, alternative="greater").pvalue > 0.01, hits / len(truth)
+
+
+def test_render_shift_half_restyles_half_the_styles_as_manifest_says(world_at):
+    out, manifest = world_at(0.5)
+    saved = json.loads((out / "synth_manifest.json").read_text())
+    assert saved["target_render_shift"] == 0.5
+    looks = np.array(saved["target_looks"])
+    assert (looks != np.arange(24)).sum() == 12  # round(0.5 * n_styles)
+    pred, truth = _aux_trained_predictions(out, manifest, _image_descriptors)
+    # what the aux-trained map calls each target style (majority over its items), from the pixels
+    seen_as = {s: np.bincount(pred[truth == s], minlength=24).argmax() for s in np.unique(truth)}
+    assert sum(seen_as[s] == looks[s] for s in seen_as) >= 0.9 * len(seen_as)  # each looks as recorded
+    assert abs(sum(seen_as[s] != s for s in seen_as) - 0.5 * len(seen_as)) <= 0.1 * len(seen_as)
+
+
+def test_render_shift_leaves_aux_domains_and_dynamics_alone(world, world_at):
+    base, manifest = world
+    shifted, _ = world_at(1.0)
+    for d in manifest["aux"]:  # auxiliary domains: every file byte-identical
+        for p in sorted((base / d["name"]).rglob("*")):
+            if p.is_file():
+                assert p.read_bytes() == (shifted / p.relative_to(base)).read_bytes(), p
+    for d in manifest["target"]:  # targets: same items, styles and sequences, different pictures
+        name = d["name"]
+        for f in (f"{name}.csv", "latent.csv"):
+            assert (base / name / f).read_bytes() == (shifted / name / f).read_bytes(), f
+        images = sorted((base / name / "images").iterdir())
+        assert images and all(p.read_bytes() != (shifted / name / "images" / p.name).read_bytes() for p in images)
+
+
+@pytest.mark.parametrize("shift", [-0.1, 1.5])
+def test_render_shift_out_of_range_is_refused_before_writing(tmp_path, shift):
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match="target_render_shift"):
+        synthesize(_cfg(out, target_render_shift=shift))
+    assert not out.exists()

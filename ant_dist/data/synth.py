@@ -12,6 +12,9 @@ The world (all knobs in `SynthConfig`, documented in docs/synthetic.md):
   the item is drawn by a Zipf-like popularity.
 - Target domains are data-poor (about 10x fewer users than an auxiliary domain), so a model
   trained on a target alone cannot learn T well, and pre-training on the auxiliary domains can.
+- `target_render_shift` (0 by default) makes a fraction of the styles look and cost like a
+  *different* style in the target domains only, so an item model learned on the auxiliary
+  domains misleads there, while the shared dynamics still let a user model transfer.
 Everything is a pure function of the seed.
 """
 
@@ -64,6 +67,40 @@ def shared_world(seed: int, n_styles: int) -> dict:
         "log_price": rng.uniform(np.log(2.0), np.log(400.0), size=n_styles),
         "transition": rng.integers(0, n_styles, size=(n_styles, n_styles)),
     }
+
+
+# What `target_render_shift` re-maps: everything an item's image and price level show.
+LOOK_KEYS = ("colour", "fg_colour", "shape", "texture", "log_price")
+
+
+def target_looks(seed: int, n_styles: int, shift: float) -> np.ndarray:
+    """For each style, the style whose look (image and price level) it shows in the target domains.
+
+    round(shift * n_styles) styles, chosen by the seed, are re-mapped; the set grows with `shift`
+    (a prefix of one seeded order), so a larger shift only adds re-mapped styles. They borrow each
+    other's looks along one cycle, a permutation without fixed points: each re-mapped style looks
+    exactly like another style of the auxiliary domains, so an aux-trained image->style map is
+    actively wrong on it, not just unsure, and the targets' overall mix of looks stays the same
+    (a domain classifier gains nothing). A single re-mapped style borrows the look of another one.
+    """
+    if not 0.0 <= shift <= 1.0:
+        raise ValueError(f"target_render_shift must be in [0, 1], got {shift}")
+    looks = np.arange(n_styles)
+    k = int(np.floor(shift * n_styles + 0.5))
+    if k == 0 or n_styles < 2:
+        return looks  # no rng drawn: the default world stays byte-identical to the unshifted one
+    order = np.random.default_rng([seed, 104729]).permutation(n_styles)
+    chosen = order[:k]
+    looks[chosen] = np.roll(chosen, -1) if k >= 2 else order[1]
+    return looks
+
+
+def restyled_world(world: dict, looks: np.ndarray) -> dict:
+    """`world` with style s rendered and priced as style looks[s]; the transition table is kept."""
+    out = dict(world)
+    for key in LOOK_KEYS:
+        out[key] = world[key][looks]
+    return out
 
 
 def draw_image(style_colour, fg_colour, shape: int, texture: int, size: int, seed: int) -> Image.Image:
@@ -214,18 +251,22 @@ def write_domain(cfg: SynthConfig, world: dict, domain: str, d_index: int, n_ite
 
 
 def synthesize(cfg: SynthConfig) -> dict:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    world = shared_world(cfg.seed, cfg.n_styles)
-    manifest = {"format": "amazon2018", "seed": cfg.seed, "aux": [], "target": []}
     names = [(d, "aux") for d in cfg.aux_domains] + [(d, "target") for d in cfg.target_domains]
     if len(set(n for n, _ in names)) != len(names):
         raise ValueError("domain names must be unique")
+    looks = target_looks(cfg.seed, cfg.n_styles, cfg.target_render_shift)  # checks the range first
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    world = shared_world(cfg.seed, cfg.n_styles)
+    worlds = {"aux": world, "target": restyled_world(world, looks)}
+    # target_looks[s]: the style whose image and price level style s shows in target domains
+    manifest = {"format": "amazon2018", "seed": cfg.seed, "target_render_shift": cfg.target_render_shift,
+                "target_looks": [int(s) for s in looks], "aux": [], "target": []}
     with mp.get_context("fork").Pool(max(cfg.workers, 1)) as pool:
         for d_index, (domain, role) in enumerate(names):
             n_items = cfg.items_per_domain if role == "aux" else cfg.target_items_per_domain
             n_users = cfg.users_per_domain if role == "aux" else cfg.target_users_per_domain
-            manifest[role].append(write_domain(cfg, world, domain, d_index, n_items, n_users, out, pool))
+            manifest[role].append(write_domain(cfg, worlds[role], domain, d_index, n_items, n_users, out, pool))
     (out / "synth_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     save_config(cfg, out / "synth_config.yaml")
     return manifest
