@@ -274,3 +274,46 @@ class PretrainConfig:
     progress: bool = opt(True, "tqdm progress line on the main process")
     trace_batches: bool = opt(False, "write each process's trained sequence ids per step to trace/ (for checks)")
     fail_at_step: int = opt(0, "testing aid: make the loss non-finite at this step (0 = never)")
+
+
+# ----------------------------------------------------------------------------- relearn
+@dataclass
+class RelearnConfig(PretrainConfig):
+    """Adaptation to a target domain: every pre-training option, plus the ones below.
+
+    The architecture (sizes, experts, layers, max_len) comes from the pre-trained model when one is
+    given; training-time settings (dropouts, beta, gate noise, ablations) come from this config.
+    """
+
+    pretrained: str = opt("", "exported pre-trained model folder (runs/<run>/model); required except for "
+                          "mode=scratch, where it only fixes the architecture")
+    domain: str = opt("", "target domain(s), comma-separated (sets `domains`)")
+    mode: str = opt("relearn", "relearn (re-learn the item model and positions, freeze the rest of the user "
+                    "model) | finetune (start from everything pre-trained, freeze the user model) | scratch "
+                    "(the same architecture trained on the target only) | zeroshot (evaluate, no training)")
+    item_repr: str = opt("irl", "irl (ANT) | id (pure-ID SASRec) | irl+id (ANT_e: IRL plus a target ID table)")
+    ablate: list = opt([], "Table IV ablations: any of T (no text), I (no image), P (no price), MoE (one linear "
+                       "map instead of the experts), MF (no text-image fusion)")
+    method: str = opt("", "label in reports (empty: ReL, FT, GB, ANT_e, ID-SASRec or zero-shot from mode and "
+                      "item_repr, with the ablations appended)")
+    select_metric: str = opt("recall@10", "validation metric that picks the best epoch (pooled over the target "
+                             "users): recall@K or ndcg@K, K in 10, 20, 50")
+    patience_steps: int = opt(100, "early stopping: stop after this many optimizer steps without a better "
+                              "validation metric (counted in steps, so tiny targets are not stopped at epoch 0; "
+                              "0 = never stop early)")
+    min_epochs: int = opt(5, "early stopping never stops before this many epochs")
+    train_users_fraction: float = opt(1.0, "train on the sequences of this fraction of the target's users (all "
+                                      "users are still validated and tested: data-efficiency studies)")
+    train_users_seed: int = opt(0, "seed of the user subset (the same for every method, so runs pair up)")
+    # defaults that differ from pre-training (the target is small: exact loss, every user evaluated)
+    domains: list = opt([], "target domains (or use domain=)")
+    run_name: str = opt("relearn", "run folder name under `out` (also the W&B run name)")
+    loss: str = opt("exact", "exact (full softmax over the target catalog, as the paper) | sampled")
+    batch_size: int = opt(256, "sequences per optimizer step over all processes")
+    schedule: str = opt("constant", "cosine | epoch_decay | constant (after warmup)")
+    warmup_steps: int = opt(0, "linear warmup steps")
+    max_epochs: int = opt(200, "upper bound on epochs; early stopping usually ends the run first")
+    eval_users: int = opt(0, "validation users per domain (0 = all: early stopping sees every user)")
+    checkpoint_every: int = opt(0, "save a checkpoint every N steps (0 = only at the end and on a stop signal)")
+    keep_checkpoints: int = opt(1, "keep the newest K checkpoints")
+    num_workers: int = opt(0, "DataLoader workers per process (0: build batches in the training process)")

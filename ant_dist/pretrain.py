@@ -21,46 +21,22 @@ import sys
 from typing import Optional
 
 from .config import PretrainConfig, parse_cli
-from .teardown import close_process_group
-from .train import TrainError
-from .train.loop import (
-    EXIT_BAD_INPUT,
-    EXIT_NONFINITE,
-    EXIT_PREEMPTED,
-    NonFiniteError,
-    Stopped,
-    run,
-)
-
-
-def _say(message: str) -> None:
-    # every process reaches the same error; one line is enough
-    if os.environ.get("RANK", "0") == "0":
-        print(message, file=sys.stderr, flush=True)
+from .train.entry import is_main_process, run_stage
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = parse_cli(PretrainConfig, argv, "python -m ant_dist.pretrain", __doc__)
-    try:
-        summary = run(cfg, stage="pretrain")
-    except NonFiniteError as exc:
-        _say(f"pretrain: stopped: {exc}")
-        return EXIT_NONFINITE
-    except Stopped as exc:
-        _say(f"pretrain: {exc}")
-        return EXIT_PREEMPTED
-    except TrainError as exc:
-        _say(f"pretrain: error: {exc}")
-        return EXIT_BAD_INPUT
-    finally:
-        close_process_group()
-    if os.environ.get("RANK", "0") == "0":
+
+    def done(summary: dict) -> None:
+        if not is_main_process():
+            return
         val = summary.get("validation", {})
         shown = ", ".join(f"{k.split('/')[1]} NDCG@10 {v:.4f}" for k, v in val.items() if k.endswith("ndcg@10"))
         print(f"pretrain: done: {summary['step']} steps on {summary['world_size']} process(es) in "
               f"{summary['seconds']:.0f}s; {shown}; model: {os.path.join(cfg.out, cfg.run_name, 'model')}")
-    return 0
+
+    return run_stage(cfg, "pretrain", done)
 
 
 if __name__ == "__main__":

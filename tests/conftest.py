@@ -10,7 +10,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    """Two auxiliary domains packed and embedded with tiny random encoders (for training tests)."""
+    """Two auxiliary domains (Food, Home) and one target (Office), packed and embedded with tiny random
+    encoders (for training tests)."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -27,9 +28,10 @@ def world(tmp_path_factory):
                          intermediate_size=64, max_position_embeddings=128)).save_pretrained(root / "bert")
     tok.save_pretrained(root / "bert")
     save_random_swin(root / "swin", image_size=32, embed_dim=16)
-    manifest = synthesize(SynthConfig(out=str(root / "raw"), aux_domains=["Food", "Home"], target_domains=[],
-                                      items_per_domain=300, users_per_domain=500, image_size=32, progress=False))
-    for d in manifest["aux"]:
+    manifest = synthesize(SynthConfig(out=str(root / "raw"), aux_domains=["Food", "Home"], target_domains=["Office"],
+                                      items_per_domain=300, users_per_domain=500, target_items_per_domain=120,
+                                      target_users_per_domain=150, image_size=32, progress=False))
+    for d in manifest["aux"] + manifest["target"]:
         pack_domain(PackConfig(domain=d["name"], meta=d["meta"], interactions=d["interactions"], images=d["images"],
                                out=str(root / "shards"), shard_max_items=100, workers=1, progress=False))
     embed(EmbedConfig(shards=str(root / "shards"), out=str(root / "features"), text_encoder=str(root / "bert"),

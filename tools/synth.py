@@ -15,7 +15,11 @@ from ant_dist.data.synth import __doc__ as SYNTH_DOC, synthesize  # noqa: E402
 
 def main(argv=None) -> int:
     cfg = parse_cli(SynthConfig, argv, "tools/synth.py", SYNTH_DOC)
-    manifest = synthesize(cfg)
+    try:
+        manifest = synthesize(cfg)
+    except ValueError as exc:  # a bad knob value: refused before anything is written
+        print(f"tools/synth.py: error: {exc}", file=sys.stderr)
+        return 2
     for role in ("aux", "target"):
         for d in manifest[role]:
             print(f"{role:6s} {d['name']:12s} {d['items']:>8,} items {d['users']:>9,} users "

@@ -133,6 +133,14 @@ def export_model(model: ANT, out_dir: str | Path, extra: dict) -> None:
     os.replace(tmp, out)
 
 
+def load_model_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of an exported model folder (safetensors: no code runs on load)."""
+    path = Path(model_dir) / "model.safetensors"
+    if not path.is_file():
+        raise TrainError(f"{model_dir} holds no exported model ({path.name} is missing)")
+    return load_file(str(path))
+
+
 def load_model(model_dir: str | Path) -> tuple[ANT, dict]:
     """The exported model (weights on CPU) and its config (with the pre-training catalog's domains)."""
     d = Path(model_dir)

@@ -86,6 +86,20 @@ class Corpus:
         if len(self.train_users) == 0:
             raise TrainError("no user has the 4 interactions needed to train (2 are held out)")
 
+    def subsample_train_users(self, fraction: float, seed: int) -> None:
+        """Train on a random `fraction` of each domain's training users (validation and test still see
+        everyone: their histories are inputs, not training data). A function of (seed, fraction) only,
+        and nested: a smaller fraction's users are a subset of a larger one's."""
+        keep = []
+        for d in range(len(self.domains)):
+            users = self.train_users[(self.train_users >= self.user_offsets[d]) &
+                                     (self.train_users < self.user_offsets[d + 1])]
+            if len(users) == 0:
+                continue
+            order = np.random.default_rng([seed, d, 0xF4AC]).permutation(len(users))
+            keep.append(users[order[:max(1, round(fraction * len(users)))]])
+        self.train_users = np.sort(np.concatenate(keep))
+
     def domain_of(self, user: int) -> int:
         return int(np.searchsorted(self.user_offsets, user, side="right") - 1)
 

@@ -23,18 +23,25 @@ from pathlib import Path
 
 import torch
 
-from ..config import PretrainConfig, save_config
+from ..config import PretrainConfig, RelearnConfig, save_config
 from ..locking import LockedError, exclusive_dir_lock, loader_worker_init
 from ..losses import NegativeSampler
 from ..model.ant import ANT, ANTConfig
 from ..model.irl import IRLConfig
 from ..model.sasrec import SASRecConfig
 from . import TrainError
-from .checkpoint import export_model, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    export_model,
+    find_resume_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
 from .data import Corpus, EpochBatches, epoch_batches, epoch_order, read_domain, step_seed, validation_users
 from .evaluate import evaluate
 from .features import load_catalog_features
 from .objective import TrainObjective
+from .selection import Selection, check_metric
 from .tracking import MetricsLog, accelerate_log_with, start_trackers
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3, 75
@@ -65,7 +72,14 @@ def _validate(cfg: PretrainConfig) -> None:
     if cfg.loss == "sampled" and cfg.n_negatives < 1:
         problems.append("n_negatives must be >= 1 with loss=sampled")
     if not cfg.domains:
-        problems.append("domains is empty: name the auxiliary domains to train on")
+        problems.append("domains is empty: name the domains to train on")
+    if isinstance(cfg, RelearnConfig):
+        try:
+            check_metric(cfg.select_metric)
+        except TrainError as exc:
+            problems.append(str(exc))
+        if not 0 < cfg.train_users_fraction <= 1:
+            problems.append(f"train_users_fraction must be in (0, 1], got {cfg.train_users_fraction}")
     if problems:
         raise TrainError("; ".join(problems))
 
@@ -138,8 +152,15 @@ def _memory() -> dict:
     return out
 
 
-def run(cfg: PretrainConfig, stage: str = "pretrain") -> dict:
-    """Train; returns a summary. Raises TrainError (bad input), NonFiniteError, or Stopped."""
+def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=None) -> dict:
+    """Train; returns a summary. Raises TrainError (bad input), NonFiniteError, or Stopped.
+
+    Re-learning passes a RelearnConfig and two hooks: `make_model(cfg, features, corpus)` builds
+    the model with its frozen/trainable parameters set (default: a fresh pre-training model), and
+    `finish(context)` runs on every process after training, with the best validation weights
+    loaded (test evaluation, metrics.json). With a RelearnConfig the loop also selects the best
+    validation step and stops early (selection.py).
+    """
     from accelerate.utils import DistributedType, gather_object
     from tqdm.auto import tqdm
 
@@ -161,6 +182,8 @@ def run(cfg: PretrainConfig, stage: str = "pretrain") -> dict:
                 domains.append(read_domain(cfg.shards, name, offset))
                 offset += domains[-1].n_items
         corpus = Corpus(domains)
+        if isinstance(cfg, RelearnConfig) and cfg.train_users_fraction < 1:
+            corpus.subsample_train_users(cfg.train_users_fraction, cfg.train_users_seed)
         features = load_catalog_features(cfg.features, cfg.shards, corpus.names, [d.n_items for d in domains],
                                          cfg.features_on, cfg.features_device_max_gb, device)
         if len(corpus.train_users) < world:
@@ -173,14 +196,19 @@ def run(cfg: PretrainConfig, stage: str = "pretrain") -> dict:
 
         # ---- model, optimizer, schedule
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg, features.text_dim, features.image_dim)
+        if make_model is None:
+            model = build_model(cfg, features.text_dim, features.image_dim)
+        else:
+            model = make_model(cfg, features, corpus)
         objective = TrainObjective(model, features, cfg.loss, cfg.tau, cfg.align_weight, sampler,
                                    popularity + 1.0, cfg.in_batch_negatives,
                                    cfg.gather_negatives and not cfg.shared_negatives, cfg.exact_chunk)
         objective.fail_at_step = cfg.fail_at_step
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # frozen groups never reach Adam
+        optimizer = torch.optim.AdamW(trainable or [torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(len(corpus.train_users) / cfg.batch_size)
-        total_steps = cfg.max_epochs * steps_per_epoch
+        total_steps = cfg.max_epochs * steps_per_epoch if trainable else 0  # zero-shot: evaluation only
         if cfg.max_steps:
             total_steps = min(total_steps, cfg.max_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, total_steps, steps_per_epoch))
@@ -195,6 +223,9 @@ def run(cfg: PretrainConfig, stage: str = "pretrain") -> dict:
 
         # ---- resume
         state = {"step": 0, "epoch": 0, "consumed": 0}
+        selection = None
+        if isinstance(cfg, RelearnConfig):
+            selection = Selection(cfg.select_metric, cfg.patience_steps, cfg.min_epochs)
         ckpt = find_resume_checkpoint(run_dir, cfg.resume)
         if ckpt is not None:
             saved = load_checkpoint(accelerator, objective, optimizer, scheduler, ckpt, deepspeed)
@@ -203,6 +234,8 @@ def run(cfg: PretrainConfig, stage: str = "pretrain") -> dict:
                     raise TrainError(f"{ckpt}: was trained with {key}={saved['config'][key]!r}, this run has "
                                      f"{getattr(cfg, key)!r}; resume with the same value or use another run_name")
             state = {k: saved[k] for k in state}
+            if selection is not None and saved.get("selection"):
+                selection = Selection.from_state(saved["selection"])
             accelerator.print(f"resuming from {ckpt} (step {state['step']}, epoch {state['epoch']}, "
                               f"{state['consumed']} sequences into it; written by {saved['world_size']} "
                               f"process(es), now {world})")
@@ -220,17 +253,26 @@ def run(cfg: PretrainConfig, stage: str = "pretrain") -> dict:
         def checkpoint() -> None:
             save_checkpoint(accelerator, objective, optimizer, scheduler,
                             {**state, "world_size": world, "engine": "deepspeed" if deepspeed else "ddp",
-                             "config": asdict(cfg)}, run_dir, cfg.keep_checkpoints, deepspeed)
+                             "config": asdict(cfg), "selection": selection.state_dict() if selection else None},
+                            run_dir, cfg.keep_checkpoints, deepspeed)
 
         validated_at = {"step": -1}
 
         def validate() -> dict:
             validated_at["step"] = state["step"]
+            t_val = time.time()
             res = evaluate(accelerator.unwrap_model(objective).model, features, corpus, val_users, "valid",
                            cfg.max_len, cfg.exclude_history, cfg.exact_chunk, device, rank, world, gather_object)
             flat = {f"val/{d}/{k}": v for d, r in res.items() for k, v in r["mean"].items()}
+            if selection is not None and selection.update(state["step"], state["epoch"], res):
+                # every process computed the same figures; the main one keeps the weights
+                if main:
+                    export_model(accelerator.unwrap_model(objective).model, run_dir / "best",
+                                 {"stage": stage, "step": state["step"], "epoch": state["epoch"]})
+                flat[f"val/best_{cfg.select_metric}"] = selection.best_value
             accelerator.log(flat, step=state["step"])
-            metrics_log.write({"event": "validation", "step": state["step"], "epoch": state["epoch"], **flat})
+            metrics_log.write({"event": "validation", "step": state["step"], "epoch": state["epoch"], **flat,
+                               "perf/validation_s": round(time.time() - t_val, 3)})
             return flat
 
         # ---- stop signals: flag now, act at the next step boundary (all processes agree)
@@ -247,7 +289,8 @@ def run(cfg: PretrainConfig, stage: str = "pretrain") -> dict:
         objective.train()
         last_saved, last_val, t_run = (state["step"] if ckpt else -1), {}, time.time()
         n_train = len(corpus.train_users)
-        while state["epoch"] < cfg.max_epochs and state["step"] < total_steps:
+        early_stop = False
+        while state["epoch"] < cfg.max_epochs and state["step"] < total_steps and not early_stop:
             order = epoch_order(n_train, cfg.seed, state["epoch"])
             bounds = epoch_batches(n_train, cfg.batch_size, state["consumed"])[:total_steps - state["step"]]
             batches = EpochBatches(corpus, order, bounds, state["step"], rank, world, cfg.max_len, cfg.seed,
@@ -306,6 +349,7 @@ def run(cfg: PretrainConfig, stage: str = "pretrain") -> dict:
                 epoch_done = state["consumed"] == 0
                 if (cfg.eval_every > 0 and state["step"] % cfg.eval_every == 0) or (not cfg.eval_every and epoch_done):
                     last_val = validate()
+                    early_stop = selection is not None and selection.should_stop(state["step"], state["epoch"])
                 if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                     checkpoint()
                     last_saved = state["step"]
@@ -317,22 +361,34 @@ def run(cfg: PretrainConfig, stage: str = "pretrain") -> dict:
                     accelerator.end_training()
                     raise Stopped(f"stopped by a signal at step {state['step']}; checkpoint written, "
                                   f"resume with resume=auto")
+                if early_stop:
+                    metrics_log.write({"event": "early_stop", "step": state["step"], "epoch": state["epoch"],
+                                       "best_step": selection.best_step, "best_epoch": selection.best_epoch})
+                    break
         bar.close()
 
         # ---- the end: checkpoint, final validation, exported model
-        if last_saved != state["step"]:
+        if last_saved != state["step"] and state["step"] > 0:
             checkpoint()
-        if cfg.eval_every >= 0 and validated_at["step"] != state["step"]:
+        if (cfg.eval_every >= 0 or selection is not None) and validated_at["step"] != state["step"]:
             last_val = validate()
         unwrapped = accelerator.unwrap_model(objective).model
+        if selection is not None:  # continue with the best validation weights
+            accelerator.wait_for_everyone()
+            unwrapped.load_state_dict(load_model_weights(run_dir / "best"))
         # every process must hold the same parameters: record each one's digest to show it
         digests = gather_object([_param_digest(unwrapped)])
         if main:
             export_model(unwrapped, run_dir / "model", {
                 "stage": stage, "domains": corpus.names, "items_per_domain": [d.n_items for d in domains],
-                "features": str(cfg.features), "shards": str(cfg.shards), "step": state["step"]})
+                "features": str(cfg.features), "shards": str(cfg.shards), "step": state["step"], "seed": cfg.seed})
         summary = {"event": "end", "step": state["step"], "epochs": state["epoch"], "world_size": world,
                    "seconds": round(time.time() - t_run, 2), "validation": last_val, "param_digests": digests}
+        if finish is not None:
+            summary.update(finish({"model": unwrapped, "features": features, "corpus": corpus, "device": device,
+                                   "rank": rank, "world": world, "gather": gather_object, "main": main,
+                                   "run_dir": run_dir, "selection": selection, "summary": summary,
+                                   "log": accelerator.log}))
         metrics_log.write(summary)
         accelerator.wait_for_everyone()
         accelerator.end_training()

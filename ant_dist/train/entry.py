@@ -1,0 +1,46 @@
+"""What `python -m ant_dist.pretrain` and `python -m ant_dist.relearn` share: run the loop, map its
+outcome to an exit code, print one line per outcome (on the main process), tear the process
+group down on every path."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from ..teardown import close_process_group
+from . import TrainError
+from .loop import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, NonFiniteError, Stopped, run
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def say(message: str) -> None:
+    # every process reaches the same outcome; one line is enough
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
+
+
+def run_stage(cfg, stage: str, on_done: Callable[[dict], None], prepare: Callable[[], None] | None = None,
+              **hooks) -> int:
+    """Run `stage`; `prepare` may raise TrainError before anything starts; `on_done(summary)` runs on
+    success (on every process: print only on the main one)."""
+    try:
+        if prepare is not None:
+            prepare()
+        summary = run(cfg, stage=stage, **hooks)
+    except NonFiniteError as exc:
+        say(f"{stage}: stopped: {exc}")
+        return EXIT_NONFINITE
+    except Stopped as exc:
+        say(f"{stage}: {exc}")
+        return EXIT_PREEMPTED
+    except TrainError as exc:
+        say(f"{stage}: error: {exc}")
+        return EXIT_BAD_INPUT
+    finally:
+        close_process_group()
+    on_done(summary)
+    return EXIT_OK

@@ -1,0 +1,152 @@
+"""The model a target-domain run starts from, for each adaptation mode (paper section 4.4, Table III).
+
+    relearn   ANT: the pre-trained user model Θ_SASRec-P, frozen; Φ_IRL and Θ_P re-initialised
+              and trained on the target (eqs. 16-17)
+    finetune  FT: everything pre-trained; the user model frozen, Φ_IRL (and an ID table) trained
+    scratch   GB ("ground-built"): the same architecture, initialised at random, all trained
+    zeroshot  the pre-trained model as it is; nothing trained
+
+`item_repr` picks the item encoder: irl (ANT), id (a pure-ID SASRec) or irl+id (ANT_e: IRL plus
+an ID table over the target catalog; the table is always new, the target's items are new).
+The architecture (sizes, experts, layers, max_len) comes from the pre-trained model when one is
+given, so GB and ID-SASRec have exactly the capacity of the transferred models; training-time
+settings (dropouts, beta, gate noise, ablations) come from the run's config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..config import RelearnConfig
+from ..model.ant import ANT, ANTConfig
+from ..model.irl import IRLConfig
+from ..model.sasrec import SASRecConfig
+from . import TrainError
+from .checkpoint import load_model
+
+MODES = ("relearn", "finetune", "scratch", "zeroshot")
+ITEM_REPRS = ("irl", "id", "irl+id")
+# Table IV's switches: the IRLConfig flag each one turns off
+ABLATIONS = {"T": "use_text", "I": "use_image", "P": "use_price", "MoE": "use_moe", "MF": "use_fusion"}
+_LABELS = {("relearn", "irl"): "ReL", ("finetune", "irl"): "FT", ("scratch", "irl"): "GB",
+           ("relearn", "irl+id"): "ANT_e", ("scratch", "id"): "ID-SASRec", ("zeroshot", "irl"): "zero-shot"}
+
+
+def ablation_names(cfg: RelearnConfig) -> list[str]:
+    names = [str(a).lstrip("-") for a in cfg.ablate]
+    unknown = [a for a in names if a not in ABLATIONS]
+    if unknown:
+        raise TrainError(f"ablate: unknown switch(es) {unknown}; choose from {list(ABLATIONS)}")
+    return names
+
+
+def method_label(cfg: RelearnConfig) -> str:
+    if cfg.method:
+        return cfg.method
+    base = _LABELS.get((cfg.mode, cfg.item_repr), f"{cfg.mode}/{cfg.item_repr}")
+    return " ".join([base] + [f"-{a}" for a in ablation_names(cfg)])
+
+
+def check_target_config(cfg: RelearnConfig) -> None:
+    """Fill `domains` from `domain` and refuse impossible combinations, before anything is loaded."""
+    if cfg.domain:
+        cfg.domains = [d.strip() for d in cfg.domain.split(",") if d.strip()]
+    problems = []
+    if cfg.mode not in MODES:
+        problems.append(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if cfg.item_repr not in ITEM_REPRS:
+        problems.append(f"item_repr must be one of {', '.join(ITEM_REPRS)}, got {cfg.item_repr!r}")
+    if cfg.mode != "scratch" and not cfg.pretrained:
+        problems.append(f"mode={cfg.mode} starts from a pre-trained model: set pretrained=runs/<run>/model")
+    if cfg.pretrained and not (Path(cfg.pretrained) / "model_config.json").is_file():
+        problems.append(f"pretrained={cfg.pretrained}: not an exported model (no model_config.json); "
+                        f"pre-training writes one to runs/<run>/model")
+    if cfg.mode == "zeroshot" and cfg.item_repr != "irl":
+        problems.append("mode=zeroshot needs item_repr=irl: a target ID table cannot exist before training")
+    try:
+        names = ablation_names(cfg)
+    except TrainError as exc:
+        problems.append(str(exc))
+        names = []
+    if names and cfg.item_repr == "id":
+        problems.append("ablations switch parts of the item model off; item_repr=id has no item model")
+    if "MoE" in names and cfg.mode in ("finetune", "zeroshot"):
+        problems.append(f"ablate=MoE changes the item model's parameters, so mode={cfg.mode} cannot start from the "
+                        f"pre-trained mixture; use mode=relearn or scratch")
+    if not cfg.domains:
+        problems.append("no target domain: set domain=<name> (several: domain=A,B)")
+    if problems:
+        raise TrainError("; ".join(problems))
+
+
+def _architecture(cfg: RelearnConfig, text_dim: int, image_dim: int) -> tuple[IRLConfig, SASRecConfig, dict]:
+    """IRL and SASRec configs: shapes from the pre-trained model if any, training settings from cfg."""
+    flags = {flag: name not in ablation_names(cfg) for name, flag in ABLATIONS.items()}
+    if cfg.pretrained:
+        _, config = load_model(cfg.pretrained)
+        a = config["ant"]
+        irl = IRLConfig(**a["irl"])
+        sasrec = SASRecConfig(**a["sasrec"])
+        if (irl.text_dim, irl.image_dim) != (text_dim, image_dim):
+            raise TrainError(f"the target's features have text/image dims {text_dim}/{image_dim} but {cfg.pretrained} "
+                             f"was pre-trained on {irl.text_dim}/{irl.image_dim}: embed the target with the same "
+                             f"encoders as the auxiliary domains")
+    else:
+        irl = IRLConfig(text_dim=text_dim, image_dim=image_dim, hidden=cfg.hidden, n_heads=cfg.n_experts)
+        sasrec = SASRecConfig(hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads, max_len=cfg.max_len)
+        config = {}
+    irl = dataclasses.replace(irl, dropout=cfg.irl_dropout, beta=cfg.beta, gate_noise=cfg.gate_noise, **flags)
+    sasrec = dataclasses.replace(sasrec, dropout=cfg.dropout)
+    if cfg.pretrained and sasrec.max_len != cfg.max_len:
+        cfg.max_len = sasrec.max_len  # the position table's size is the pre-trained one
+    return irl, sasrec, config
+
+
+def build_target_model(cfg: RelearnConfig, features, corpus) -> ANT:
+    """The model of `cfg.mode`, with requires_grad set on exactly the parameters that train."""
+    irl, sasrec, _ = _architecture(cfg, features.text_dim, features.image_dim)
+    model = ANT(ANTConfig(item_source=cfg.item_repr, n_items=corpus.n_items if "id" in cfg.item_repr else 0,
+                          irl=irl, sasrec=sasrec))
+    if cfg.mode == "scratch":
+        return model
+    pretrained, _ = load_model(cfg.pretrained)
+    weights = pretrained.state_dict()
+    if cfg.mode == "relearn":
+        # only the user model is transferred: the item model and positions are re-learned
+        keep = {k: v for k, v in weights.items() if k.startswith("sasrec.")}
+        missing = [k for k in model.state_dict() if k.startswith("sasrec.") and k not in keep]
+        if missing:
+            raise TrainError(f"{cfg.pretrained} has no pre-trained user model weights {missing[:3]}")
+        model.load_state_dict(keep, strict=False)
+        model.reinit_for_relearning()
+    else:
+        if pretrained.irl is None:
+            raise TrainError(f"{cfg.pretrained} has no item model (item_source={pretrained.cfg.item_source}); "
+                             f"mode={cfg.mode} needs a pre-trained IRL")
+        keep = {k: v for k, v in weights.items() if not k.startswith("id_embedding.")}
+        result = model.load_state_dict(keep, strict=False)
+        unexpected = list(result.unexpected_keys)
+        missing = [k for k in result.missing_keys if not k.startswith("id_embedding.")]
+        if unexpected or missing:
+            raise TrainError(f"{cfg.pretrained} does not match the model of this run (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        if cfg.mode == "finetune":
+            model.freeze_for_finetuning()
+        else:  # zeroshot
+            for p in model.parameters():
+                p.requires_grad_(False)
+    return model
+
+
+def trainable_summary(model: ANT) -> dict[str, str]:
+    """Per parameter group: 'trained', 'frozen' or 'absent' (for the run's log)."""
+    out = {}
+    for name, params in model.param_groups().items():
+        if not params:
+            out[name] = "absent"
+        else:
+            states = {p.requires_grad for p in params}
+            out[name] = "trained" if states == {True} else "frozen" if states == {False} else "mixed"
+    return out
+
