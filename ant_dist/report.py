@@ -1,0 +1,426 @@
+"""Report: the paper's result tables, the negative-transfer table and plots from re-learning runs.
+
+    python -m ant_dist.report runs/ [runs/Scientific-ReL-s1 ...] --out report/ [--metrics recall@10,ndcg@10]
+                              [--alpha 0.05]
+
+Reads every metrics.json written by `ant_dist.relearn` (format: docs/report.md), groups the runs
+by (domain, method, train_users_fraction), aggregates the seeds of a group (mean ± std over
+seeds; per-user values averaged over seeds for the paired t-test) and writes into --out:
+report.md (tables, plots, the runs used), report.json (the same numbers) and PNG plots.
+
+Exit codes: 0 done, 2 bad input (no metrics.json found, a malformed file, runs of one method and
+domain evaluated on different users, a bad option); the message says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+FORMAT = "ant-dist-metrics/1"
+REPORT_FORMAT = "ant-dist-report/1"
+ALL_METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "recall@50", "ndcg@50")
+METHOD_ORDER = ("ID-SASRec", "zero-shot", "GB", "FT", "ReL", "ANT_e")  # table rows: these first, then A-Z
+TRANSFER_METHODS = ("FT", "ReL", "ANT_e")  # compared with GB in the negative-transfer table
+NT_METRICS = ("recall@10", "ndcg@10")       # the paper's Table III metrics shown by the report
+EXIT_BAD_INPUT = 2
+
+
+class ReportError(ValueError):
+    """Bad input: the message names the file and what is wrong with it."""
+
+
+@dataclass
+class DomainEval:
+    user_ids: np.ndarray  # sorted ascending
+    mean: dict            # metric -> the mean the run reported
+    per_user: dict        # metric -> per-user values aligned with user_ids
+
+
+@dataclass
+class Run:
+    path: Path
+    run_name: str
+    method: str
+    seed: Optional[int]
+    pretrain_seed: Optional[int]
+    fraction: float
+    select_metric: str
+    best: dict
+    test: dict   # domain -> DomainEval
+    curve: list  # the metrics.json "curve" entries as written
+
+
+@dataclass
+class GroupStats:
+    """One (domain, fraction, method) group aggregated over its seeds."""
+    method: str
+    runs: list
+    user_ids: np.ndarray
+    mean: dict      # metric -> mean over seeds of the runs' test means
+    std: dict       # metric -> sample std (ddof=1) over seeds, None with one seed
+    per_user: dict  # metric -> per-user mean over seeds
+
+
+@dataclass
+class Section:
+    """The runs of one target domain at one training-users fraction: one table, two plots."""
+    domain: str
+    fraction: float
+    stats: list  # GroupStats, in table row order
+
+    @property
+    def title(self) -> str:
+        return self.domain if self.fraction == 1.0 else f"{self.domain} ({self.fraction:g} of users trained)"
+
+
+# ----------------------------------------------------------------------------- loading
+def find_metrics_files(paths: Sequence[str]) -> list[Path]:
+    """metrics.json files named by the arguments: a file, a run folder, or a folder searched recursively."""
+    found: dict[Path, Path] = {}
+    for p in map(Path, paths):
+        if p.is_file() and p.name == "metrics.json":
+            hits = [p]
+        elif p.is_dir():
+            hits = [p / "metrics.json"] if (p / "metrics.json").is_file() else sorted(p.rglob("metrics.json"))
+        elif not p.exists():
+            raise ReportError(f"{p}: no such file or folder")
+        else:
+            raise ReportError(f"{p}: neither a metrics.json nor a folder")
+        if not hits:
+            raise ReportError(f"no metrics.json in {p} nor in any folder below it")
+        for h in hits:  # a file reached through two arguments counts once
+            found.setdefault(h.resolve(), h)
+    return list(found.values())
+
+
+def _domain_eval(block: dict, where: str, metrics: Sequence[str]) -> DomainEval:
+    missing = [k for k in ("user_ids", "mean", "per_user") if k not in block]
+    if missing:
+        raise ReportError(f"{where}: missing {', '.join(missing)}")
+    ids = np.asarray(block["user_ids"])
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ReportError(f"{where}: user_ids must be a non-empty list of integers")
+    if np.unique(ids).size != ids.size:
+        raise ReportError(f"{where}: user_ids has duplicates")
+    order = np.argsort(ids, kind="stable")
+    mean, per_user = {}, {}
+    for m in metrics:
+        if m not in block["per_user"] or m not in block["mean"]:
+            raise ReportError(f"{where}: no {m!r} (it has {sorted(block['per_user'])}); choose --metrics among those")
+        values = np.asarray(block["per_user"][m], dtype=np.float64)
+        if values.shape != ids.shape or not np.all(np.isfinite(values)):
+            raise ReportError(f"{where}: per_user[{m!r}] must hold one finite number per user ({ids.size})")
+        reported = float(block["mean"][m])
+        # the table shows the reported mean; it must be the mean of the values the t-test uses
+        if not np.isclose(reported, values.mean(), rtol=1e-4, atol=1e-6):
+            raise ReportError(f"{where}: mean[{m!r}] = {reported} but its per-user values average {values.mean()}")
+        mean[m], per_user[m] = reported, values[order]
+    return DomainEval(ids[order], mean, per_user)
+
+
+def load_run(path: Path, metrics: Sequence[str]) -> Run:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ReportError(f"{path}: not an {FORMAT} file (format: {got!r})")
+    try:
+        domains = data["domains"]
+        if not isinstance(domains, list) or not domains or not all(isinstance(d, str) for d in domains):
+            raise ReportError(f"{path}: domains must be a non-empty list of names")
+        if not isinstance(data["method"], str) or not data["method"]:
+            raise ReportError(f"{path}: method must be a non-empty string")
+        test = {d: _domain_eval(data["test"][d], f"{path}: test[{d!r}]", metrics) for d in domains}
+        curve = data.get("curve") or []
+        if not isinstance(curve, list):
+            raise ReportError(f"{path}: curve must be a list")
+        return Run(path=path, run_name=str(data.get("run_name") or path.parent.name), method=data["method"],
+                   seed=data.get("seed"), pretrain_seed=data.get("pretrain_seed"),
+                   fraction=float(data.get("train_users_fraction", 1.0)),
+                   select_metric=str(data.get("select_metric") or "recall@10"), best=data.get("best") or {},
+                   test=test, curve=curve)
+    except KeyError as exc:
+        raise ReportError(f"{path}: missing key {exc}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, ReportError):
+            raise
+        raise ReportError(f"{path}: malformed ({exc})") from None
+
+
+# ----------------------------------------------------------------------------- statistics (pure)
+def aggregate(method: str, runs: list, domain: str, metrics: Sequence[str]) -> GroupStats:
+    """Mean ± std over seeds of the test means; per-user values averaged over seeds (same users)."""
+    evals = [r.test[domain] for r in runs]
+    mean, std, per_user = {}, {}, {}
+    for m in metrics:
+        run_means = np.array([e.mean[m] for e in evals])
+        mean[m] = float(run_means.mean())
+        std[m] = float(run_means.std(ddof=1)) if len(runs) > 1 else None
+        per_user[m] = np.mean([e.per_user[m] for e in evals], axis=0)
+    return GroupStats(method, runs, evals[0].user_ids, mean, std, per_user)
+
+
+def paired_ttest(a_ids: np.ndarray, a: np.ndarray, b_ids: np.ndarray, b: np.ndarray) -> dict:
+    """Two-sided paired t-test of a vs b on their common users: {p (None if undefined), n, mean_diff}."""
+    from .metrics import paired_t_test
+    _, ia, ib = np.intersect1d(a_ids, b_ids, assume_unique=True, return_indices=True)
+    if ia.size < 2:
+        return {"p": None, "n": int(ia.size), "mean_diff": None}
+    with warnings.catch_warnings():  # identical arrays: scipy warns and gives NaN, reported as None
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = paired_t_test(a[ia], b[ib])
+    p = res["p"] if np.isfinite(res["p"]) else None
+    return {"p": p, "n": int(ia.size), "mean_diff": res["mean_diff"]}
+
+
+def relative_change(value: float, reference: float) -> Optional[float]:
+    """(value - reference) / reference in %, None when the reference is 0."""
+    return None if reference == 0 else (value - reference) / reference * 100.0
+
+
+def _method_key(method: str) -> tuple:
+    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+
+
+def build_sections(runs: list, metrics: Sequence[str]) -> list[Section]:
+    """Group the runs and aggregate each group; refuse duplicates and mismatched user sets."""
+    groups: dict[tuple, dict[str, list]] = {}
+    for run in runs:
+        for domain in run.test:
+            groups.setdefault((domain, run.fraction), {}).setdefault(run.method, []).append(run)
+    sections = []
+    for (domain, fraction), by_method in sorted(groups.items()):
+        stats = []
+        for method in sorted(by_method, key=_method_key):
+            members = by_method[method]
+            seen: dict[tuple, Run] = {}
+            for r in members:
+                other = seen.setdefault((r.seed, r.pretrain_seed), r)
+                if other is not r:
+                    raise ReportError(f"{other.path} and {r.path} are both {method} on {domain} with seed "
+                                      f"{r.seed}, pretrain_seed {r.pretrain_seed}: pass one of them")
+                ids, first = r.test[domain].user_ids, members[0].test[domain].user_ids
+                if not np.array_equal(ids, first):
+                    common = np.intersect1d(ids, first).size
+                    raise ReportError(f"{members[0].path} and {r.path} ({method} on {domain}) evaluated different "
+                                      f"users ({first.size} and {ids.size}, {common} in common): seeds can only be "
+                                      f"averaged user by user on the same users")
+            stats.append(aggregate(method, members, domain, metrics))
+        sections.append(Section(domain, fraction, stats))
+    return sections
+
+
+def method_table(section: Section, metrics: Sequence[str], alpha: float) -> dict:
+    """Table II/IV: methods x metrics; per column the best, the runner-up and their paired t-test."""
+    rows = [{"method": s.method, "n_seeds": len(s.runs), "runs": [r.run_name for r in s.runs],
+             "seeds": [[r.seed, r.pretrain_seed] for r in s.runs], "n_users": int(s.user_ids.size),
+             "mean": s.mean, "std": s.std} for s in section.stats]
+    columns = {}
+    for m in metrics:
+        top = max(s.mean[m] for s in section.stats)
+        best = [s for s in section.stats if s.mean[m] == top]
+        others = [s for s in section.stats if s.mean[m] < top]
+        col = {"best": [s.method for s in best], "runner_up": None, "p_value": None, "n_paired_users": None,
+               "significant": False}
+        if len(best) == 1 and others:  # a tie for the best has no single winner to test
+            runner_up = max(others, key=lambda s: s.mean[m])
+            test = paired_ttest(best[0].user_ids, best[0].per_user[m], runner_up.user_ids, runner_up.per_user[m])
+            col.update(runner_up=runner_up.method, p_value=test["p"], n_paired_users=test["n"],
+                       significant=test["p"] is not None and test["p"] < alpha and test["mean_diff"] > 0)
+        columns[m] = col
+    return {"domain": section.domain, "train_users_fraction": section.fraction, "rows": rows, "columns": columns}
+
+
+def negative_transfer_table(section: Section, metrics: Sequence[str], alpha: float) -> Optional[dict]:
+    """Table III: GB vs the transfer methods; None when GB or every transfer method is missing."""
+    by_method = {s.method: s for s in section.stats}
+    gb = by_method.get("GB")
+    present = [m for m in TRANSFER_METHODS if m in by_method]
+    shown = [m for m in NT_METRICS if m in metrics] or list(metrics[:2])
+    if gb is None or not present:
+        return None
+    rows = []
+    for m in shown:
+        row = {"metric": m, "GB": gb.mean[m], "GB_std": gb.std[m], "methods": {}}
+        for method in present:
+            s = by_method[method]
+            test = paired_ttest(s.user_ids, s.per_user[m], gb.user_ids, gb.per_user[m])
+            row["methods"][method] = {
+                "value": s.mean[m], "std": s.std[m], "rel_change_pct": relative_change(s.mean[m], gb.mean[m]),
+                "p_value": test["p"], "n_paired_users": test["n"],
+                "significant": test["p"] is not None and test["p"] < alpha,
+                "negative_transfer": s.mean[m] < gb.mean[m]}
+        rows.append(row)
+    return {"domain": section.domain, "train_users_fraction": section.fraction, "methods": present, "rows": rows}
+
+
+# ----------------------------------------------------------------------------- markdown
+def metric_label(m: str) -> str:
+    name, _, k = m.partition("@")
+    return {"recall": "Recall", "ndcg": "NDCG"}.get(name, name) + (f"@{k}" if k else "")
+
+
+def format_value(mean: float, std: Optional[float]) -> str:
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _opt(value) -> str:
+    return "–" if value is None else str(value)
+
+
+def _p(p: Optional[float]) -> str:
+    return "n/a" if p is None else f"{p:.2g}"
+
+
+def render_method_table(table: dict, metrics: Sequence[str], alpha: float) -> list[str]:
+    lines = ["| Method | " + " | ".join(metric_label(m) for m in metrics) + " |",
+             "| --- | " + " | ".join("---" for _ in metrics) + " |"]
+    for row in table["rows"]:
+        cells = []
+        for m in metrics:
+            text, col = format_value(row["mean"][m], row["std"][m]), table["columns"][m]
+            if row["method"] in col["best"]:
+                text = f"**{text}**" + ("\\*" if col["significant"] else "")
+            cells.append(text)
+        lines.append(f"| {_cell(row['method'])} | " + " | ".join(cells) + " |")
+    seeds = max(r["n_seeds"] for r in table["rows"])
+    n_users = {r["method"]: r["n_users"] for r in table["rows"]}
+    tests = [f"{metric_label(m)}: {c['best'][0]} vs {c['runner_up']} p={_p(c['p_value'])}"
+             + (f" (on the {c['n_paired_users']} users both evaluated)"
+                if c["n_paired_users"] < max(n_users[c["best"][0]], n_users[c["runner_up"]]) else "")
+             for m, c in table["columns"].items() if c["runner_up"] is not None]
+    lines += ["", f"Bold: the best per column. \\*: the best beats the runner-up with p < {alpha:g} (two-sided "
+              "paired t-test on per-user test values, each user's values averaged over seeds)."
+              + (" Cells with ± are the mean ± standard deviation over seeds." if seeds > 1 else ""),
+              "Best vs runner-up: " + ("; ".join(tests) if tests else "no comparison (one method or a tie)") + "."]
+    return lines
+
+
+def _bold_if(mean: float, std: Optional[float], top: float) -> str:
+    return f"**{format_value(mean, std)}**" if mean == top else format_value(mean, std)
+
+
+def render_negative_transfer(tables: list[dict], alpha: float) -> list[str]:
+    methods = [m for m in TRANSFER_METHODS if any(m in t["methods"] for t in tables)]
+    head = ["Domain", "Metric", "GB"] + [c for m in methods for c in (m, f"{m} vs GB")] + ["Note"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for t in tables:
+        title = Section(t["domain"], t["train_users_fraction"], []).title
+        for row in t["rows"]:
+            values = [row["GB"]] + [row["methods"][m]["value"] for m in methods if m in row["methods"]]
+            top = max(values)
+            cells, worse = [_cell(title), metric_label(row["metric"]), _bold_if(row["GB"], row["GB_std"], top)], []
+            for m in methods:
+                r = row["methods"].get(m)
+                if r is None:
+                    cells += ["–", "–"]
+                    continue
+                change = "n/a" if r["rel_change_pct"] is None else f"{r['rel_change_pct']:+.2f}%"
+                cells += [_bold_if(r["value"], r["std"], top), change + ("\\*" if r["significant"] else "")]
+                if r["negative_transfer"]:
+                    worse.append(m + (" (significant)" if r["significant"] else ""))
+            cells.append("negative transfer: " + ", ".join(worse) if worse else "")
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"X vs GB: relative change of X over GB, (X - GB) / GB. \\*: the difference from GB has "
+              f"p < {alpha:g} (two-sided paired t-test on per-user test values). Negative transfer: the adapted "
+              "model is worse than the ground-built one (GB). Bold: the best of the row."]
+    return lines
+
+
+def render_markdown(report: dict, sections: list[Section], metrics: Sequence[str], alpha: float) -> str:
+    lines = ["# ANT re-learning report", "",
+             f"{len(report['runs'])} run(s); test metrics (best-validation weights); significance level "
+             f"{alpha:g}. The same numbers are in report.json.", ""]
+    plots = {(p["domain"], p["train_users_fraction"], p["kind"]): p["file"] for p in report["plots"]}
+    for table, section in zip(report["tables"], sections, strict=True):
+        lines += [f"## {section.title}", ""] + render_method_table(table, metrics, alpha) + [""]
+        for kind, caption in (("curve", "validation curve"), ("bars", "test metrics")):
+            if (section.domain, section.fraction, kind) in plots:
+                lines += [f"![{section.title}: {caption}]({plots[(section.domain, section.fraction, kind)]})", ""]
+    if report["negative_transfer"]:
+        lines += ["## Negative transfer: GB vs FT vs ReL", ""]
+        lines += render_negative_transfer(report["negative_transfer"], alpha) + [""]
+    lines += ["## Runs used", "", "| Run | Method | Domains | Seed | Pretrain seed | Train users | Best epoch | File |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report["runs"]:
+        cells = [_cell(r["run_name"]), _cell(r["method"]), ", ".join(r["domains"]), _opt(r["seed"]),
+                 _opt(r["pretrain_seed"]), f"{r['train_users_fraction']:g}", _opt(r["best_epoch"]), r["path"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- entry point
+def parse_metrics(text: str) -> list[str]:
+    metrics = [m.strip().lower() for m in text.split(",") if m.strip()]
+    bad = [m for m in metrics if not re.fullmatch(r"(recall|ndcg)@\d+", m)]
+    if not metrics or bad or len(set(metrics)) != len(metrics):
+        raise ReportError(f"--metrics: give distinct recall@K / ndcg@K names separated by commas, got {text!r}")
+    return metrics
+
+
+def build_report(paths: Sequence[str], out: Path, metrics: Sequence[str], alpha: float) -> dict:
+    from tqdm import tqdm
+
+    from .report_plots import write_plots
+    files = find_metrics_files(paths)
+    runs = [load_run(f, metrics) for f in tqdm(files, desc="report: reading runs", disable=len(files) < 50)]
+    sections = build_sections(runs, metrics)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "format": REPORT_FORMAT, "alpha": alpha, "metrics": list(metrics),
+        "tables": [method_table(s, metrics, alpha) for s in sections],
+        "negative_transfer": [t for s in sections if (t := negative_transfer_table(s, metrics, alpha))],
+        "runs": [{"run_name": r.run_name, "method": r.method, "domains": list(r.test), "seed": r.seed,
+                  "pretrain_seed": r.pretrain_seed, "train_users_fraction": r.fraction,
+                  "best_epoch": r.best.get("epoch"), "path": str(r.path)} for r in runs],
+        "plots": write_plots(out, sections, metrics),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.md").write_text(render_markdown(report, sections, metrics, alpha))
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ant_dist.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Format of metrics.json and what the report contains: docs/report.md.")
+    p.add_argument("paths", nargs="+", metavar="RUNS",
+                   help="run folders holding metrics.json, metrics.json files, or folders searched recursively")
+    p.add_argument("--out", default="report", help="output folder (report.md, report.json, PNGs); default: report")
+    p.add_argument("--metrics", default=",".join(ALL_METRICS),
+                   help=f"comma-separated test metrics for the tables; default: {','.join(ALL_METRICS)}")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired t-tests; default 0.05")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)  # a bad command line exits 2 (argparse)
+    try:
+        if not 0.0 < args.alpha < 1.0:
+            raise ReportError(f"--alpha must be between 0 and 1, got {args.alpha}")
+        report = build_report(args.paths, Path(args.out), parse_metrics(args.metrics), args.alpha)
+    except ReportError as exc:
+        print(f"report: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"report: {len(report['runs'])} run(s), {len(report['tables'])} table(s), {len(report['plots'])} plot(s) "
+          f"-> {Path(args.out) / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
