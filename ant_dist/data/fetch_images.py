@@ -1,0 +1,478 @@
+"""Download the item images named in Amazon metadata into <images>/<item_id>.<ext> (tools/fetch_images.py).
+
+One file per item, named by the raw item id and the decoded format (jpg, png or webp, whatever the
+URL says): exactly what tools/pack.py reads from `images=`. Threads + urllib (the work is waiting
+on the network; proxies from the environment, bypassed for loopback). Bounded: a token bucket per
+host, a socket timeout and a whole-download deadline, a byte cap checked while the body streams,
+at most 2 x parallel items in flight (the metadata is streamed). Retries with exponential backoff
+and full jitter on 5xx/408/429 (Retry-After honoured), timeouts, truncated bodies and connection
+errors; never on 404 or another 4xx. Each body is fully decoded by the packer's own check, then
+written to <name>.part, fsynced and renamed; a rerun removes stale .part files and skips items
+that have a file. One fetcher per folder (.lock). Details, the report: docs/data.md.
+Exit codes: 0 finished (failures are counted in <images>/fetch_report.json), 2 bad input or folder
+in use, 75 stopped by SIGTERM/SIGINT (downloads abandoned, nothing partial left, report written).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter, defaultdict
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from http.client import HTTPException, IncompleteRead, InvalidURL
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+from urllib.parse import urlsplit
+
+from tqdm.auto import tqdm
+
+from ..config import opt, parse_cli
+from ..locking import LockedError, exclusive_dir_lock
+from .raw_readers import _meta_fields_2018, _meta_fields_2023, index_images, iter_json_lines
+from .report import BadInputLog
+from .shards import check_image
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 75
+REPORT = "fetch_report.json"
+PART = ".part"
+# outcome of each item with an image URL; all but the first two are failures
+OUTCOMES = ("ok", "already_present", "not_found", "timeout", "truncated", "connection_error", "http_error",
+            "not_image", "too_big", "bad_url")
+ID_FIELDS = {"amazon2018": _meta_fields_2018, "amazon2023": _meta_fields_2023}  # the packer's item-id rules
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+CHUNK = 64 * 1024
+
+
+@dataclass
+class FetchConfig:
+    format: str = opt("amazon2018", "metadata format: amazon2018 (imageURLHighRes, else imageURL) | amazon2023 "
+                      "(images[]: the MAIN entry, else the first; hi_res, else large)")
+    meta: str = opt("???", "item metadata: JSON lines, optionally .gz (the file given to tools/pack.py)")
+    images: str = opt("???", "output folder: <item_id>.<jpg|png|webp>, the `images=` of tools/pack.py")
+    parallel: int = opt(16, "concurrent downloads (threads)")
+    max_items: int = opt(0, "trial run: only the first N items that have an image URL (0 = all)")
+    rate_per_host: float = opt(50.0, "requests per second per host, token bucket (0 = no limit)")
+    burst_per_host: int = opt(16, "requests a host may get at once before the rate applies")
+    timeout: float = opt(10.0, "seconds: connect timeout and longest wait for any bytes")
+    total_timeout: float = opt(120.0, "seconds: longest time one download may take")
+    retries: int = opt(3, "retries after a 5xx/408/429, a timeout, a truncated body or a connection error")
+    backoff: float = opt(1.0, "seconds: retry k waits a random time in [0, backoff x 2^k] (full jitter)")
+    max_backoff: float = opt(60.0, "seconds: longest wait before a retry (also caps Retry-After)")
+    max_bytes: int = opt(10 * 2**20, "refuse a body larger than this (checked while it streams)")
+    url_prefix_from: str = opt("", "rewrite URLs that start with this prefix ...")
+    url_prefix_to: str = opt("", "... to start with this one instead (mirrors, tests: a loopback server)")
+    user_agent: str = opt("ant-dist-fetch/0.1", "User-Agent header")
+    examples_per_reason: int = opt(5, "examples (item id: URL: detail) kept per outcome in the report")
+    progress: bool = opt(True, "show a progress bar")
+
+
+class FetchInputError(ValueError):
+    """Bad options or an unreadable metadata file (exit code 2)."""
+
+
+class Refused(Exception):
+    """A download stopped by a rule (too big, bad URL): never retried."""
+
+    def __init__(self, outcome: str, detail: str):
+        super().__init__(detail)
+        self.outcome = outcome
+
+
+class Interrupted(Exception):
+    """The stop event was set while this download was in flight."""
+
+
+@dataclass
+class FetchResult:
+    item_id: str
+    url: str
+    outcome: str  # one of OUTCOMES, or "interrupted"
+    detail: str = ""
+    requests: int = 0
+    nbytes: int = 0
+
+
+# ----------------------------------------------------------------------------- pure helpers
+def _first_url(value) -> Optional[str]:
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, list):
+        return next((v.strip() for v in value if isinstance(v, str) and v.strip()), None)
+    return None
+
+
+def image_url(fmt: str, obj: dict) -> Optional[str]:
+    """The one image URL of an item's metadata record (the packer uses one image per item)."""
+    if fmt == "amazon2018":
+        return _first_url(obj.get("imageURLHighRes")) or _first_url(obj.get("imageURL"))
+    listed = obj.get("images")
+    entries = [e for e in listed if isinstance(e, dict)] if isinstance(listed, list) else []
+    entries.sort(key=lambda e: e.get("variant") != "MAIN")  # stable: MAIN first, the rest in order
+    for entry in entries:
+        url = _first_url(entry.get("hi_res")) or _first_url(entry.get("large"))
+        if url:
+            return url
+    return None
+
+
+def rewrite_url(url: str, prefix_from: str, prefix_to: str) -> str:
+    return prefix_to + url[len(prefix_from):] if prefix_from and url.startswith(prefix_from) else url
+
+
+def is_http_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
+def usable_as_file_stem(item_id: str) -> bool:
+    """Whether <item_id>.<ext>.part is a plain file name in one folder on any Unix filesystem."""
+    return (item_id not in (".", "..") and not any(c in item_id for c in "/\\\0")
+            and len(item_id.encode("utf-8")) <= 255 - len(".webp.part"))
+
+
+def backoff_delay(retry: int, base: float, cap: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2^retry)]."""
+    return rng.uniform(0.0, min(cap, base * 2.0 ** retry))
+
+
+def retry_after_seconds(value: Optional[str]) -> Optional[float]:
+    """Retry-After given in seconds (the HTTP-date form is ignored: backoff applies)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up. `reserve()` takes one token now and says
+    how long to wait before using it (tokens may go negative: waiters queue up in order)."""
+
+    def __init__(self, rate: float, burst: int, clock=time.monotonic):
+        self.rate, self.burst, self.clock = rate, max(1, burst), clock
+        self.tokens, self.stamp = float(self.burst), clock()
+        self.lock = threading.Lock()
+
+    def reserve(self) -> float:
+        with self.lock:
+            now = self.clock()
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            self.tokens -= 1.0
+            return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+# ----------------------------------------------------------------------------- downloading
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib would follow a redirect to ftp://; we refuse anything but http(s)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not is_http_url(newurl):
+            fp.close()
+            raise Refused("bad_url", f"redirect to {newurl[:100]}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener(proxies: Optional[dict]) -> urllib.request.OpenerDirector:
+    # Only the handlers we want: no file://, ftp:// or data: (build_opener would add them).
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(proxies), urllib.request.HTTPHandler(),
+                    urllib.request.HTTPSHandler(), _HttpOnlyRedirects(),
+                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError)
+
+
+class Downloader:
+    """Fetches one item (with its retries) at a time per calling thread; shared by all threads."""
+
+    def __init__(self, cfg: FetchConfig, folder: Path, stop: threading.Event):
+        self.cfg, self.folder, self.stop = cfg, folder, stop
+        self.local = threading.local()  # one opener pair per thread: no shared connection state
+        self.buckets: dict[str, TokenBucket] = {}
+        self.buckets_lock = threading.Lock()
+        self.rng = random.Random()  # jitter must differ between runs and clients
+        self.rng_lock = threading.Lock()
+
+    def _wait_for_token(self, host: str) -> None:
+        if self.cfg.rate_per_host <= 0:
+            return
+        with self.buckets_lock:
+            bucket = self.buckets.setdefault(host, TokenBucket(self.cfg.rate_per_host, self.cfg.burst_per_host))
+        delay = bucket.reserve()
+        if delay > 0 and self.stop.wait(delay):
+            raise Interrupted
+
+    def _download(self, url: str) -> bytes:
+        host = urlsplit(url).hostname or ""
+        self._wait_for_token(host)
+        if not hasattr(self.local, "openers"):
+            self.local.openers = {False: _opener(None), True: _opener({})}  # None: proxies from the environment
+        opener = self.local.openers[host in LOOPBACK_HOSTS]
+        request = urllib.request.Request(url, headers={"User-Agent": self.cfg.user_agent, "Accept": "image/*"})
+        deadline = time.monotonic() + self.cfg.total_timeout
+        with opener.open(request, timeout=self.cfg.timeout) as resp:
+            length = resp.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > self.cfg.max_bytes:
+                raise Refused("too_big", f"Content-Length {length} > max_bytes {self.cfg.max_bytes}")
+            body = bytearray()
+            while chunk := resp.read(CHUNK):
+                body += chunk
+                if len(body) > self.cfg.max_bytes:
+                    raise Refused("too_big", f"over max_bytes {self.cfg.max_bytes} while streaming")
+                if self.stop.is_set():
+                    raise Interrupted
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"download took over total_timeout={self.cfg.total_timeout}s")
+        # read(amt) returns a short body without complaint when the server hangs up early
+        if length.isdigit() and len(body) < int(length):
+            raise IncompleteRead(bytes(body), int(length) - len(body))
+        return bytes(body)
+
+    def _save(self, item_id: str, ext: str, data: bytes) -> None:
+        final = self.folder / f"{item_id}.{ext}"
+        part = self.folder / f"{item_id}.{ext}{PART}"
+        try:
+            with open(part, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(part, final)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+
+    def _attempt(self, url: str) -> tuple[str, str, bool, Optional[float], bytes]:
+        """(outcome, detail, worth a retry, Retry-After seconds, body) of one request."""
+        try:
+            return "ok", "", False, None, self._download(url)
+        except Refused as exc:
+            return exc.outcome, str(exc), False, None, b""
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            retry = exc.code >= 500 or exc.code in (408, 429)
+            outcome = "not_found" if exc.code in (404, 410) else "http_error"
+            wait_s = retry_after_seconds(exc.headers.get("Retry-After")) if exc.headers else None
+            return outcome, f"HTTP {exc.code}", retry, wait_s, b""
+        except (ValueError, InvalidURL) as exc:  # e.g. a host name that is not valid IDNA, control characters
+            return "bad_url", f"{type(exc).__name__}: {exc}"[:200], False, None, b""
+        except IncompleteRead as exc:
+            return "truncated", f"got {len(exc.partial)} bytes, {exc.expected} short", True, None, b""
+        except (OSError, HTTPException) as exc:  # URLError is an OSError
+            outcome = "timeout" if _is_timeout(exc) else "connection_error"
+            return outcome, f"{type(exc).__name__}: {exc}"[:200], True, None, b""
+
+    def fetch(self, item_id: str, url: str) -> FetchResult:
+        """One item: requests with retries, then validation and an atomic write."""
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                if self.stop.is_set():
+                    raise Interrupted
+                outcome, detail, retry, wait_s, data = self._attempt(url)
+                if outcome == "ok":
+                    ext, reason = check_image(data)
+                    if ext is not None:
+                        self._save(item_id, ext, data)
+                        return FetchResult(item_id, url, "ok", ext, attempt + 1, len(data))
+                    outcome = "too_big" if reason == "image_too_large" else "not_image"
+                    detail = reason or ""
+                if not retry or attempt == self.cfg.retries:
+                    return FetchResult(item_id, url, outcome, detail, attempt + 1)
+                with self.rng_lock:
+                    delay = backoff_delay(attempt, self.cfg.backoff, self.cfg.max_backoff, self.rng)
+                if wait_s is not None:
+                    delay = min(wait_s, self.cfg.max_backoff)
+                if self.stop.wait(delay):
+                    raise Interrupted
+            except Interrupted:
+                return FetchResult(item_id, url, "interrupted", requests=attempt + 1)
+        raise AssertionError("unreachable: the last attempt returns")
+
+
+# ----------------------------------------------------------------------------- the run
+def _check(cfg: FetchConfig) -> None:
+    problems = []
+    if cfg.format not in ID_FIELDS:
+        problems.append(f"format must be one of {sorted(ID_FIELDS)}, got {cfg.format!r}")
+    if not Path(cfg.meta).is_file():
+        problems.append(f"metadata file not found: {cfg.meta}")
+    for name in ("parallel", "burst_per_host", "max_bytes"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name} must be >= 1")
+    for name in ("max_items", "retries", "rate_per_host", "backoff", "max_backoff"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"{name} must be >= 0")
+    if cfg.timeout <= 0 or cfg.total_timeout <= 0:
+        problems.append("timeout and total_timeout must be > 0")
+    if bool(cfg.url_prefix_from) != bool(cfg.url_prefix_to):
+        problems.append("url_prefix_from and url_prefix_to go together")
+    if Path(cfg.images).exists() and not Path(cfg.images).is_dir():
+        problems.append(f"images is not a folder: {cfg.images}")
+    if problems:
+        raise FetchInputError("; ".join(problems))
+
+
+def iter_items(cfg: FetchConfig, log: BadInputLog, stats: Counter) -> Iterator[tuple[str, str]]:
+    """(item id, image URL) in file order: first record of an id wins, as in the packer."""
+    seen: set[str] = set()
+    id_of = ID_FIELDS[cfg.format]
+    for lineno, obj in iter_json_lines(Path(cfg.meta), log, progress=False):
+        item_id = id_of(obj)[0]
+        where = f"{Path(cfg.meta).name}:{lineno}"
+        if item_id is None:
+            log.skip("missing_item_id", where)
+        elif item_id in seen:
+            log.skip("duplicate_item", where, item_id)
+        elif not usable_as_file_stem(item_id):
+            seen.add(item_id)
+            log.skip("unusable_item_id", where, item_id)
+        else:
+            seen.add(item_id)
+            stats["items"] += 1
+            url = image_url(cfg.format, obj)
+            if url is None:
+                stats["no_url"] += 1
+                continue
+            yield item_id, url
+
+
+def remove_stale_parts(folder: Path) -> int:
+    """Delete *.part files: downloads cut short by a killed run (the lock says none is running)."""
+    stale = [p for p in folder.iterdir() if p.name.endswith(PART) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def fetch_images(cfg: FetchConfig, stop: Optional[threading.Event] = None) -> dict:
+    """Download every item's image into cfg.images; returns (and writes) the report."""
+    _check(cfg)
+    stop = stop or threading.Event()
+    folder = Path(cfg.images)
+    start = time.time()
+    counts: Counter = Counter({k: 0 for k in OUTCOMES})
+    examples: dict[str, list[str]] = defaultdict(list)
+    stats: Counter = Counter()
+    log = BadInputLog(cfg.examples_per_reason)
+
+    def record(res: FetchResult) -> None:
+        if res.outcome == "interrupted":
+            stats["unfinished"] += 1
+            return
+        counts[res.outcome] += 1
+        stats["requests"] += res.requests
+        stats["bytes"] += res.nbytes
+        if res.outcome not in ("ok", "already_present") and len(examples[res.outcome]) < cfg.examples_per_reason:
+            examples[res.outcome].append(f"{res.item_id}: {res.url[:200]}: {res.detail}")
+        bar.update(1)
+        bar.set_postfix(ok=counts["ok"] + counts["already_present"],
+                        failed=sum(counts.values()) - counts["ok"] - counts["already_present"], refresh=False)
+
+    with exclusive_dir_lock(folder, "image fetcher"):
+        stale = remove_stale_parts(folder)
+        present = set(index_images(folder))
+        downloader = Downloader(cfg, folder, stop)
+        bar = tqdm(desc="fetch images", unit=" img", total=cfg.max_items or None, disable=not cfg.progress,
+                   mininterval=1)
+        pool = ThreadPoolExecutor(cfg.parallel, thread_name_prefix="fetch")
+        try:
+            in_flight: set = set()
+            taken = 0
+            for item_id, url in iter_items(cfg, log, stats):
+                if cfg.max_items and taken >= cfg.max_items:
+                    break
+                if stop.is_set():
+                    stats["unread"] = 1  # items after this one were never looked at
+                    break
+                taken += 1
+                url = rewrite_url(url, cfg.url_prefix_from, cfg.url_prefix_to)
+                if item_id in present:
+                    record(FetchResult(item_id, url, "already_present"))
+                elif not is_http_url(url):
+                    record(FetchResult(item_id, url, "bad_url", "only http(s) URLs are fetched"))
+                else:
+                    in_flight.add(pool.submit(downloader.fetch, item_id, url))
+                while len(in_flight) >= 2 * cfg.parallel:
+                    done, in_flight = wait(in_flight, timeout=1.0, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        record(future.result())
+            if stop.is_set():
+                for future in in_flight:
+                    future.cancel()  # queued ones never start; running ones see `stop` and return
+            for future in in_flight:
+                if future.cancelled():
+                    stats["unfinished"] += 1
+                else:
+                    record(future.result())
+        except BaseException:
+            stop.set()  # a write error or a bug: the other downloads stop at their next chunk
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+        fd = os.open(folder, os.O_RDONLY)  # make the renames durable, once for the whole run
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        seconds = time.time() - start
+        report = {
+            "status": "interrupted" if stats["unfinished"] or stats["unread"] else "complete",
+            "counts": dict(counts),
+            "failed": sum(counts[k] for k in OUTCOMES[2:]),
+            "examples": dict(examples),
+            # considered = items with a URL looked at (max_items caps it); unfinished: stopped by a signal
+            "items": {"in_meta": stats["items"], "no_url": stats["no_url"], "considered": taken,
+                      "unfinished": stats["unfinished"]},
+            "meta_problems": log.as_dict(),
+            "requests": stats["requests"],
+            "bytes_downloaded": stats["bytes"],
+            "stale_parts_removed": stale,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(counts["ok"] / seconds, 1) if seconds > 0 else None,
+            "config": dataclasses.asdict(cfg),
+        }
+        _write_json(report, folder / REPORT)
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg = parse_cli(FetchConfig, argv, "tools/fetch_images.py", __doc__ or "")
+    stop = threading.Event()
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            handlers[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        report = fetch_images(cfg, stop)
+    except (FetchInputError, LockedError) as exc:
+        print(f"fetch_images: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    counts = {k: v for k, v in report["counts"].items() if v}
+    print(f"fetch_images: {report['status']} in {report['seconds']:.1f}s: {json.dumps(counts, sort_keys=True)} "
+          f"-> {Path(cfg.images) / REPORT}")
+    return EXIT_INTERRUPTED if report["status"] == "interrupted" else EXIT_OK
