@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,13 +117,41 @@ def pretrain_stage(cfg, root: Path) -> int:
     return subprocess.run(cmd, env=env).returncode
 
 
+class StageClock:
+    """Wall time per demo stage, printed at the end and kept in <out>/demo_times.json."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.time()
+
+    def lap(self, stage: str) -> None:
+        now = time.time()
+        self.seconds[stage] = round(now - self._last, 1)
+        self._last = now
+
+    def report(self, root: Path) -> None:
+        total = sum(self.seconds.values())
+        shares = ", ".join(f"{k} {v:.0f}s ({v / total:.0%})" for k, v in self.seconds.items())
+        print(f"\ndemo stages: {shares}; total {total:.0f}s")
+        (root / "demo_times.json").write_text(json.dumps({**self.seconds, "total": round(total, 1)}, indent=1) + "\n")
+
+
 def main(argv=None) -> int:
     cfg = parse_cli(DemoConfig, argv, "python -m ant_dist.demo", __doc__)
     root = Path(cfg.out)
+    clock = StageClock()
+    code = run_stages(cfg, root, clock)
+    root.mkdir(parents=True, exist_ok=True)
+    clock.report(root)
+    return code
+
+
+def run_stages(cfg, root: Path, clock: StageClock) -> int:
     print(f"[1/6] synthesising raw data under {root / 'raw'}")
     manifest = synthesize(SynthConfig(out=str(root / "raw"), seed=cfg.seed, workers=cfg.workers, progress=cfg.progress,
                                       items_per_domain=cfg.items_per_domain,
                                       users_per_domain=cfg.users_per_domain))
+    clock.lap("synthesise")
     print(f"[2/6] packing into {root / 'shards'}")
     rows = []
     for role in ("aux", "target"):
@@ -142,6 +171,7 @@ def main(argv=None) -> int:
     (root / "shards" / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     print(f"\nshards, catalogs and reports: {root / 'shards'}/<domain>/ (see docs/data.md)")
 
+    clock.lap("pack")
     swin = root / "encoders" / "random-swin"
     if not (swin / "config.json").is_file():
         save_random_swin(swin)
@@ -153,6 +183,7 @@ def main(argv=None) -> int:
                                   num_workers=min(cfg.workers, 2), progress=cfg.progress))
     print(f"feature tables: {root / 'features'}/<domain>/ (see docs/embedding.md); "
           f"check one with `python -m ant_dist.embed verify {root / 'features'}/Food`")
+    clock.lap("embed")
     if not embed["domains"]:
         return 1
     if cfg.pretrain_steps <= 0:
@@ -160,6 +191,7 @@ def main(argv=None) -> int:
     print(f"\n[4/6] pre-training on the 4 auxiliary domains with {cfg.processes} processes "
           f"({cfg.pretrain_steps} steps) into {root / 'runs' / 'pretrain'}")
     code = pretrain_stage(cfg, root)
+    clock.lap("pretrain")
     if code != 0:
         return code
     print(f"pre-trained model: {root / 'runs' / 'pretrain' / 'model'}; curves: "
@@ -167,10 +199,10 @@ def main(argv=None) -> int:
           f"{root / 'runs' / 'pretrain' / 'wandb'} (see docs/training.md)")
     if not cfg.methods:
         return 0
-    return adapt_and_report(cfg, root)
+    return adapt_and_report(cfg, root, clock)
 
 
-def adapt_and_report(cfg, root: Path) -> int:
+def adapt_and_report(cfg, root: Path, clock: StageClock) -> int:
     from .report import main as report_main
 
     print(f"\n[5/6] adapting to {cfg.target}: {', '.join(cfg.methods)} (python -m ant_dist.relearn, docs/relearn.md)")
@@ -185,8 +217,10 @@ def adapt_and_report(cfg, root: Path) -> int:
         if code != 0:
             print(f"demo: {method} failed (exit {code})", file=sys.stderr)
             return code
+    clock.lap("adapt")
     print(f"\n[6/6] report: python -m ant_dist.report {target_runs} --out {root / 'report'}")
     code = report_main([str(target_runs), "--out", str(root / "report")])
+    clock.lap("report")
     if code == 0:
         print_method_table(root / "report" / "report.json", cfg.target)
         print(f"\nreport: {root / 'report' / 'report.md'} (tables, paired t-tests, plots)")
