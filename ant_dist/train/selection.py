@@ -43,6 +43,8 @@ class Selection:
     def update(self, step: int, epoch: int, result: dict) -> bool:
         """Record one validation; True when it is the best so far (ties keep the earlier step)."""
         value = pooled(result, self.metric)
+        if self.curve and self.curve[-1]["step"] == step:  # a finished run started again: nothing new
+            return False
         self.curve.append({"step": step, "epoch": epoch, "value": value,
                            "valid": {d: dict(r["mean"]) for d, r in result.items()}})
         if value > self.best_value or self.best_step < 0:
