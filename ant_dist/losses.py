@@ -100,6 +100,10 @@ class _FullSoftmax(torch.autograd.Function):
         return (grad_h, None, None, None, None, None, *grad_params)
 
 
+# the exact loss materialises (positions x items) logits when they stay below this many (128 MB fp32)
+DENSE_MAX_LOGITS = 2**25
+
+
 def full_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, n_items: int,
                  params: Sequence[torch.nn.Parameter], tau: float = 0.07, chunk: int = 8192,
                  reduction: str = "mean") -> torch.Tensor:
@@ -111,6 +115,10 @@ def full_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, n_item
     """
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= n_items):
         raise ValueError("targets must be catalog rows in [0, n_items)")
+    if n_items <= chunk and h.shape[0] * n_items <= DENSE_MAX_LOGITS:
+        # a small catalog (a target domain): the dense logits are cheap, and plain autograd skips
+        # the chunked path's second pass over the item model in backward (same value, same gradients)
+        return naive_full_softmax(h, targets, item_fn(torch.arange(n_items, device=h.device)), tau, reduction)
     loss = _FullSoftmax.apply(normalise(h), targets, item_fn, n_items, chunk, tau, *params)
     return _reduce(loss, reduction)
 

@@ -81,7 +81,10 @@ class TrainObjective(nn.Module):
             rec_sum = rec_sum * torch.tensor(float("nan"), device=device)
         world = world_size()
         rec = rec_sum / max(batch["n_global"], 1) * world
-        align = alignment_loss(items.z_image, items.z_text, bank.has_image, tau=self.tau)
+        if self.model.irl is not None:
+            align = alignment_loss(items.z_image, items.z_text, bank.has_image, tau=self.tau)
+        else:  # an ID-only model has no text or image parts to align
+            align = torch.zeros((), device=device)
         total = rec + self.align_weight * align if self.align_weight else rec
         return {"loss": total, "rec_sum": rec_sum.detach(), "align": align.detach(),
                 "positions": torch.tensor(float(len(h)), device=device)}
