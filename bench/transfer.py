@@ -41,6 +41,9 @@ TARGETS = ("Scientific", "Office")
 SHIFTED = {t: f"{t}_s1" for t in TARGETS}  # the shift-1 copies of the targets
 TRANSFER = ("FT", "ReL", "ANT_e")
 FROM_SCRATCH = ("GB", "ID-SASRec")
+# validate every 5 steps, whatever the fraction: per epoch, a 10 % run (one step per epoch) would
+# spend most of its time validating 600 users
+RUN_OPTIONS = ["eval_every=5", "tracker=none", "progress=false"]
 
 
 def build_data(work: Path, target_users: int) -> None:
@@ -95,12 +98,12 @@ def target_jobs(work: Path, seeds: list[int], fractions: list[float]) -> list[tu
                     name = f"t/{target}/f{f:g}/{method}-s{s}"
                     pre = work / "runs" / f"pretrain-s{s if method in TRANSFER else seeds[0]}" / "model"
                     jobs.append((name, relearn_command(work, target, method, name, s, pre,
-                                                       [f"train_users_fraction={f}", "tracker=none", "progress=false"])))
+                                                       [f"train_users_fraction={f}", *RUN_OPTIONS])))
         for s in seeds:
             name = f"t/{target}/f1/zero-shot-s{s}"
             jobs.append((name, relearn_command(work, target, "zero-shot", name, s,
                                                work / "runs" / f"pretrain-s{s}" / "model",
-                                               ["tracker=none", "progress=false"])))
+                                               RUN_OPTIONS)))
 
     def priority(job):  # the runs the checks need first, so a partial run already answers them
         name = job[0]
