@@ -1,0 +1,359 @@
+"""The paper reproduction as data: its config (`ReproduceConfig`), the plan built from it (stages
+of tasks with dependencies and resources), the hyper-parameter grid, and model selection.
+
+`python -m ant_dist.reproduce` (ant_dist/reproduce.py) prints the plan, runs it on one machine,
+or hands it to `slurm/reproduce_paper.sh`; both executors run the very commands built here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ConfigError, RelearnConfig, opt
+
+REPO = Path(__file__).resolve().parents[1]
+
+# method label -> relearn options (docs/relearn.md has the table)
+METHODS = {"GB": ["mode=scratch"], "FT": ["mode=finetune"], "ReL": ["mode=relearn"],
+           "ANT_e": ["mode=relearn", "item_repr=irl+id"], "ID-SASRec": ["mode=scratch", "item_repr=id"],
+           "zero-shot": ["mode=zeroshot"]}
+STAGES = ("fetch", "pack", "embed", "pretrain", "relearn", "select", "report")
+RESOURCE_KEYS = ("nodes", "gpus", "processes", "cpus", "mem", "time", "partition", "est_hours", "est_disk_gb")
+# Small defaults: a config for a real cluster sets its own (configs/paper/ant.yaml).
+DEFAULT_RESOURCES = {s: {"nodes": 1, "gpus": 0, "processes": 1, "cpus": 1, "mem": "", "time": "", "partition": "",
+                         "est_hours": 0.0, "est_disk_gb": 0.0} for s in STAGES}
+# options each stage's command sets itself: a config may not set them through the stage's section
+RESERVED = {"fetch_options": {"format", "meta", "images"},
+            "pack": {"domain", "meta", "interactions", "images", "out", "format"},
+            "embed": {"shards", "out", "domains"},
+            "pretrain": {"shards", "features", "out", "run_name", "domains"},
+            "relearn": {"shards", "features", "out", "run_name", "domain", "domains", "pretrained", "seed",
+                        "select_metric", "mode", "item_repr"}}
+LIST_FIELDS = {f.name for f in dataclasses.fields(RelearnConfig) if f.type in (list, "list")}
+
+
+@dataclass
+class ReproduceConfig:
+    work_dir: str = opt("paper", "working folder: images/, shards/, features/, runs/, report/, timings.jsonl")
+    raw_dir: str = opt("data/amazon2018", "folder holding the downloaded raw files named in `files`")
+    aux_domains: list = opt(["Food", "Movies", "Home", "Clothing"], "auxiliary domains (pre-training)")
+    targets: list = opt(["Scientific", "Pantry", "Instruments", "Arts", "Office"], "target domains (re-learning)")
+    files: dict = opt({}, "per domain: {meta: <meta file>, ratings: <ratings CSV>}, relative to raw_dir "
+                      "(Amazon 2018: meta_<Category>.json.gz and <Category>.csv)")
+    fetch: bool = opt(True, "download the images with tools/fetch_images.py (false: use `image_dirs`)")
+    fetch_min_ratings: int = opt(5, "fetch only the images of items with at least this many rows in the ratings "
+                                 "file (at most pack's min_core: k-core filtering drops the others anyway); "
+                                 "0 = every item of the meta file")
+    fetch_options: dict = opt({"parallel": 16}, "tools/fetch_images.py options (parallel, max_items, rate_per_host, "
+                              "url_prefix_from/url_prefix_to for a mirror or a test server, ...)")
+    image_dirs: dict = opt({}, "with fetch=false: per domain, a local folder of <item_id>.<ext> images "
+                           "(a domain without one is packed without images)")
+    pack_config: str = opt("configs/pack.yaml", "base config of tools/pack.py (relative paths: to the repository)")
+    pack: dict = opt({}, "tools/pack.py options over pack_config")
+    embed_config: str = opt("configs/embed.yaml", "base config of ant_dist.embed")
+    embed: dict = opt({}, "ant_dist.embed options (encoders, pooling, batch) over embed_config")
+    pretrain_config: str = opt("configs/pretrain.yaml", "base config of ant_dist.pretrain")
+    pretrain: dict = opt({}, "ant_dist.pretrain options over pretrain_config")
+    relearn_config: str = opt("configs/relearn.yaml", "base config of ant_dist.relearn")
+    relearn: dict = opt({}, "ant_dist.relearn options over relearn_config; a list value is a grid axis "
+                        "(beta: [0.1, 0.3]); for a list-typed option (ablate) a list of lists is")
+    methods: list = opt(["ReL", "FT", "GB", "ANT_e", "ID-SASRec"], f"methods to run: {', '.join(METHODS)} or a "
+                        "label of method_options")
+    method_options: dict = opt({}, "extra methods: label -> relearn options, e.g. {'ReL -T': [mode=relearn, "
+                               "'ablate=[T]']}")
+    seeds: list = opt([0, 1, 2], "re-learning seeds")
+    select_metric: str = opt("recall@10", "validation metric that selects the epoch and the grid point")
+    report_dir: str = opt("", "report folder (default <work_dir>/report); selection.json goes there too")
+    report_metrics: str = opt("", "metrics of the report tables (empty: the report's default six)")
+    alpha: float = opt(0.05, "significance level of the report's paired t-tests")
+    resources: dict = opt({}, "per stage (fetch, pack, embed, pretrain, relearn, select, report): nodes, gpus "
+                          "(per node), processes (per node), cpus, mem, time, partition: sbatch options; "
+                          "est_hours (per task) and est_disk_gb (whole stage): the dry run's estimate")
+
+
+@dataclass
+class Task:
+    label: str
+    argv: list                       # the command; empty for the internal select/report actions
+    done_files: list = field(default_factory=list)   # finished when all of these exist
+    done_tables: list = field(default_factory=list)  # ... and these feature folders say complete
+    info: dict = field(default_factory=dict)
+    action: str = ""                 # "select" / "report": done in-process by ant_dist.reproduce
+    before: str = ""                 # "rated_meta": an in-process step before the command
+
+
+@dataclass
+class Stage:
+    name: str
+    tasks: list
+    after: list
+    resources: dict
+    launch: str = ""                 # "embed"/"pretrain": a distributed launch (slurm/<launch>.sh on Slurm)
+    note: str = ""
+
+
+def check_config(cfg: ReproduceConfig) -> None:
+    """Everything a plan needs, checked before anything runs (ConfigError names the problem)."""
+    if not cfg.targets:
+        raise ConfigError("targets: give at least one target domain")
+    if not cfg.aux_domains:
+        raise ConfigError("aux_domains: give at least one auxiliary domain")
+    for d in all_domains(cfg):
+        f = cfg.files.get(d)
+        if not isinstance(f, dict) or not f.get("meta") or not f.get("ratings"):
+            raise ConfigError(f"files.{d}: give {{meta: <meta file>, ratings: <ratings CSV>}} for domain {d}")
+    for m in cfg.methods:
+        if m not in cfg.method_options and m not in METHODS:
+            raise ConfigError(f"methods: unknown method {m!r}; choose from {list(METHODS)} or define it in "
+                              f"method_options")
+    if not cfg.methods or not cfg.seeds or not all(isinstance(s, int) for s in cfg.seeds):
+        raise ConfigError(f"methods and seeds must be non-empty (seeds: integers), got {cfg.methods}, {cfg.seeds}")
+    if not re.fullmatch(r"(recall|ndcg)@(10|20|50)", cfg.select_metric):
+        raise ConfigError(f"select_metric: recall@K or ndcg@K with K in 10, 20, 50, got {cfg.select_metric!r}")
+    for section in ("fetch_options", "pack", "embed", "pretrain", "relearn"):
+        clash = sorted(set(getattr(cfg, section)) & RESERVED[section])
+        if clash:
+            raise ConfigError(f"{section}: {clash} are set by the pipeline itself (from domains, targets, methods, "
+                              f"seeds, work_dir); remove them from this section")
+    for stage, res in cfg.resources.items():
+        if stage not in STAGES:
+            raise ConfigError(f"resources: unknown stage {stage!r}; stages: {list(STAGES)}")
+        bad = sorted(set(res or {}) - set(RESOURCE_KEYS))
+        if bad:
+            raise ConfigError(f"resources.{stage}: unknown key(s) {bad}; keys: {list(RESOURCE_KEYS)}")
+    min_core = cfg.pack.get("min_core", 5)
+    if not 0 <= cfg.fetch_min_ratings <= min_core:
+        raise ConfigError(f"fetch_min_ratings must be between 0 and pack's min_core ({min_core}): an item with "
+                          f"fewer ratings than min_core never reaches the shards, one with more may")
+    grid_axes(cfg.relearn)  # raises on an empty axis
+
+
+def all_domains(cfg: ReproduceConfig) -> list:
+    return list(dict.fromkeys([*cfg.aux_domains, *cfg.targets]))
+
+
+def format_value(value) -> str:
+    """A value as OmegaConf's key=value parser reads it back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{format_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def overrides(options: dict) -> list:
+    return [f"{k}={format_value(v)}" for k, v in options.items()]
+
+
+def grid_axes(relearn: dict) -> list:
+    """[(option, values)] of the relearn options that are grids, in config order."""
+    axes = []
+    for key, value in relearn.items():
+        is_axis = isinstance(value, list) and (key not in LIST_FIELDS or all(isinstance(v, list) for v in value))
+        if is_axis:
+            if not value:
+                raise ConfigError(f"relearn.{key}: an empty grid")
+            axes.append((key, list(value)))
+    return axes
+
+
+def grid_points(relearn: dict) -> list:
+    """Every combination of the grid axes (the first axis varies slowest), as {option: value}."""
+    axes = grid_axes(relearn)
+    return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
+
+
+def point_tag(point: dict) -> str:
+    """A folder name for a grid point: beta0.1, or beta0.1-lr0.001; 'default' without a grid."""
+    parts = [f"{k}{format_value(v)}" for k, v in point.items()]
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", "-".join(parts)) or "default"
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", label.strip())
+
+
+def _path(p: str, base: Path) -> str:
+    return str(Path(p) if Path(p).is_absolute() else base / p)
+
+
+def resources(cfg: ReproduceConfig, stage: str) -> dict:
+    res = dict(DEFAULT_RESOURCES[stage])
+    res.update(cfg.resources.get(stage) or {})
+    return res
+
+
+def layout(cfg: ReproduceConfig) -> dict:
+    work = Path(cfg.work_dir)
+    report = Path(cfg.report_dir) if cfg.report_dir else work / "report"
+    return {"work": work, "images": work / "images", "shards": work / "shards", "features": work / "features",
+            "runs": work / "runs", "pretrained": work / "runs" / "pretrain" / "model", "report": report,
+            "selection": report / "selection.json", "timings": work / "timings.jsonl"}
+
+
+def relearn_runs(cfg: ReproduceConfig) -> list:
+    """One entry per re-learning run: target x method x grid point x seed, in that order."""
+    runs = []
+    for target, method, (gi, point), seed in itertools.product(cfg.targets, cfg.methods,
+                                                               enumerate(grid_points(cfg.relearn)), cfg.seeds):
+        name = f"relearn/{target}/{slug(method)}/seed{seed}/{point_tag(point)}"
+        runs.append({"target": target, "method": method, "seed": seed, "grid_index": gi, "point": point,
+                     "run_name": name})
+    return runs
+
+
+def build_plan(cfg: ReproduceConfig) -> list:
+    """The stages, in dependency order. Paths are as configured (relative to the working directory)."""
+    check_config(cfg)
+    paths = layout(cfg)
+    py = sys.executable
+    raw = Path(cfg.raw_dir)
+    domains = all_domains(cfg)
+    stages = []
+    images = {}
+    if cfg.fetch:
+        tasks = []
+        for d in domains:
+            images[d] = str(paths["images"] / d)
+            meta, info, before = _path(cfg.files[d]["meta"], raw), {"domain": d}, ""
+            if cfg.fetch_min_ratings:  # the meta lines of the items that may survive the k-core
+                info.update(meta=meta, ratings=_path(cfg.files[d]["ratings"], raw), min_ratings=cfg.fetch_min_ratings,
+                            out=str(paths["work"] / "fetch_meta" / f"{d}.json.gz"))
+                meta, before = info["out"], "rated_meta"
+            argv = [py, str(REPO / "tools" / "fetch_images.py"), "format=amazon2018", f"meta={meta}",
+                    f"images={images[d]}", *overrides(cfg.fetch_options)]
+            tasks.append(Task(f"fetch {d}", argv, done_files=[f"{images[d]}/fetch_report.json"], info=info,
+                              before=before))
+        note = (f"first, each task keeps the meta lines of the items with >= {cfg.fetch_min_ratings} ratings in "
+                f"{paths['work'] / 'fetch_meta'}/<domain>.json.gz" if cfg.fetch_min_ratings else "")
+        stages.append(Stage("fetch", tasks, [], resources(cfg, "fetch"), note=note))
+    else:
+        images = {d: cfg.image_dirs[d] for d in domains if cfg.image_dirs.get(d)}
+    tasks = []
+    for d in domains:
+        argv = [py, str(REPO / "tools" / "pack.py"), "--config", _path(cfg.pack_config, REPO), f"domain={d}",
+                "format=amazon2018", f"meta={_path(cfg.files[d]['meta'], raw)}",
+                f"interactions={_path(cfg.files[d]['ratings'], raw)}", f"out={paths['shards']}",
+                *([f"images={images[d]}"] if d in images else []), *overrides(cfg.pack)]
+        tasks.append(Task(f"pack {d}", argv, done_files=[f"{paths['shards']}/{d}/catalog.parquet"], info={"domain": d}))
+    stages.append(Stage("pack", tasks, ["fetch"] if cfg.fetch else [], resources(cfg, "pack")))
+    argv = [py, "-m", "ant_dist.embed", "--config", _path(cfg.embed_config, REPO), f"shards={paths['shards']}",
+            f"out={paths['features']}", f"domains={format_value(domains)}", *overrides(cfg.embed)]
+    stages.append(Stage("embed", [Task("embed", argv, done_tables=[str(paths["features"] / d) for d in domains])],
+                        ["pack"], resources(cfg, "embed"), launch="embed"))
+    argv = [py, "-m", "ant_dist.pretrain", "--config", _path(cfg.pretrain_config, REPO), f"shards={paths['shards']}",
+            f"features={paths['features']}", f"out={paths['runs']}", "run_name=pretrain",
+            f"domains={format_value(list(cfg.aux_domains))}", *overrides(cfg.pretrain)]
+    stages.append(Stage("pretrain", [Task("pretrain", argv, done_files=[f"{paths['pretrained']}/model_config.json"])],
+                        ["embed"], resources(cfg, "pretrain"), launch="pretrain"))
+    fixed = {k: v for k, v in cfg.relearn.items() if k not in dict(grid_axes(cfg.relearn))}
+    tasks = []
+    for run in relearn_runs(cfg):
+        method_opts = cfg.method_options.get(run["method"], METHODS.get(run["method"]))
+        if run["method"] not in METHODS:  # the report groups runs by this label
+            method_opts = [f"method={run['method']}", *method_opts]
+        argv = [py, "-m", "ant_dist.relearn", "--config", _path(cfg.relearn_config, REPO), *overrides(fixed),
+                *overrides(run["point"]), *method_opts, f"shards={paths['shards']}", f"features={paths['features']}",
+                f"out={paths['runs']}", f"run_name={run['run_name']}", f"pretrained={paths['pretrained']}",
+                f"domain={run['target']}", f"seed={run['seed']}", f"select_metric={cfg.select_metric}"]
+        label = f"relearn {run['target']} {run['method']} seed {run['seed']} {point_tag(run['point'])}"
+        tasks.append(Task(label, argv, done_files=[f"{paths['runs']}/{run['run_name']}/metrics.json"],
+                          info={**run, "run_dir": str(paths["runs"] / run["run_name"])}))
+    stages.append(Stage("relearn", tasks, ["pretrain"], resources(cfg, "relearn"),
+                        note=relearn_note(cfg)))
+    stages.append(Stage("select", [Task("select", [], action="select")], ["relearn"], resources(cfg, "select"),
+                        note=f"per target x method x seed, the grid point with the best validation "
+                             f"{cfg.select_metric} (ties: the earlier point) -> {paths['selection']}"))
+    report_argv = [py, "-m", "ant_dist.report", "<the runs selected in selection.json>", "--out", str(paths["report"]),
+                   "--alpha", str(cfg.alpha), *(["--metrics", cfg.report_metrics] if cfg.report_metrics else [])]
+    stages.append(Stage("report", [Task("report", report_argv, action="report")], ["select"], resources(cfg, "report")))
+    return stages
+
+
+def relearn_note(cfg: ReproduceConfig) -> str:
+    axes = grid_axes(cfg.relearn)
+    grid = " x ".join(f"{k} {format_value(v)}" for k, v in axes) or "no grid"
+    n_points = math.prod(len(v) for _, v in axes)
+    return (f"{len(cfg.targets)} target(s) x {len(cfg.methods)} method(s) x {n_points} grid point(s) ({grid}) x "
+            f"{len(cfg.seeds)} seed(s) = {len(cfg.targets) * len(cfg.methods) * n_points * len(cfg.seeds)} runs")
+
+
+# ----------------------------------------------------------------------------- the fetch stage's first step
+def write_rated_meta(meta: str, ratings: str, out: str, min_ratings: int) -> dict:
+    """The lines of `meta` whose item has at least `min_ratings` rows in `ratings` (read by the
+    packer's own readers, so item ids match), written to `out` (gzip, atomically)."""
+    import gzip
+
+    import pyarrow.compute as pc
+
+    from .data.raw_readers import _meta_fields_2018, iter_json_lines, read_interactions
+    from .data.report import BadInputLog
+
+    log = BadInputLog()
+    counts = pc.value_counts(read_interactions("amazon2018", ratings, log, progress=False).items)
+    rated = set(counts.field("values").filter(pc.greater_equal(counts.field("counts"), min_ratings)).to_pylist())
+    kept = total = 0
+    tmp = Path(out + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(tmp, "wt", encoding="utf-8") as fh:
+        for _, obj in iter_json_lines(Path(meta), log):
+            total += 1
+            if _meta_fields_2018(obj)[0] in rated:
+                kept += 1
+                fh.write(json.dumps(obj) + "\n")
+    os.replace(tmp, out)
+    print(f"fetch: {kept} of {total} items of {meta} have >= {min_ratings} ratings -> {out}", flush=True)
+    return {"kept": kept, "total": total}
+
+
+# ----------------------------------------------------------------------------- selection
+def _valid_value(metrics: dict, target: str, metric: str, where: str) -> float:
+    try:
+        return float(metrics["valid"][target]["mean"][metric])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"{where}: no validation {metric} for {target} in metrics.json") from None
+
+
+def select_runs(cfg: ReproduceConfig) -> dict:
+    """Per (target, method, seed), the grid point whose run has the best validation `select_metric`
+    (the mean over the target's users, from metrics.json "valid"); a tie keeps the earlier point."""
+    paths = layout(cfg)
+    groups: dict = {}
+    missing = []
+    for run in relearn_runs(cfg):
+        where = paths["runs"] / run["run_name"] / "metrics.json"
+        if not where.is_file():
+            missing.append(str(where))
+            continue
+        metrics = json.loads(where.read_text())
+        for key, value in run["point"].items():  # a run left by another config must not be selected
+            if metrics.get("config", {}).get(key) != value:
+                raise ConfigError(f"{where}: was run with {key}={metrics.get('config', {}).get(key)!r}, the grid "
+                                  f"point says {value!r} (a stale run folder? remove it and rerun)")
+        value = _valid_value(metrics, run["target"], cfg.select_metric, str(where))
+        key = (run["target"], run["method"], run["seed"])
+        groups.setdefault(key, []).append({"point": run["point"], "grid_index": run["grid_index"],
+                                           "run_dir": str(where.parent), "valid": value})
+    if missing:
+        raise ConfigError(f"{len(missing)} re-learning run(s) have no metrics.json yet, e.g. {missing[0]}")
+    out = []
+    for (target, method, seed), cands in groups.items():
+        best = cands[0]
+        for c in cands[1:]:
+            if c["valid"] > best["valid"]:  # strictly better: a tie keeps the earlier grid point
+                best = c
+        out.append({"target": target, "method": method, "seed": seed, "selected": best, "candidates": cands})
+    return {"format": "ant-dist-selection/1", "select_metric": cfg.select_metric, "split": "valid",
+            "grid": {k: v for k, v in grid_axes(cfg.relearn)}, "groups": out}

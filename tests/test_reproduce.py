@@ -1,0 +1,456 @@
+"""The reproduction pipeline: the paper configs' plans (jobs, dependencies, array sizes computed
+here from the YAML), the grid, selection on validation, bad configs; then a tiny reproduction on
+the synthetic world (Amazon 2018 format, image URLs served by a loopback HTTP server, tiny local
+encoders) through `python -m ant_dist.reproduce` on this machine and through the real Slurm."""
+
+import itertools
+import json
+import re
+import shlex
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from test_slurm import _wait_job_done, cluster, slurm  # noqa: F401  (cluster: a fixture)
+
+from ant_dist.config import ConfigError
+from ant_dist.reproduce_plan import ReproduceConfig, grid_points, select_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_CONFIGS = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
+CHAIN = {"fetch": "-", "pack": "fetch", "embed": "pack", "pretrain": "embed", "relearn": "pretrain",
+         "select": "relearn", "report": "select"}
+METHOD_MODES = {"GB": ("scratch", "irl"), "FT": ("finetune", "irl"), "ReL": ("relearn", "irl"),
+                "ANT_e": ("relearn", "irl+id"), "ID-SASRec": ("scratch", "id")}
+ENV_KEYS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def reproduce(*args, cwd=ROOT, timeout=600):
+    import os
+    env = {**os.environ, **ENV_KEYS}
+    env.pop("ACCELERATE_USE_CPU", None)
+    return subprocess.run([sys.executable, "-m", "ant_dist.reproduce", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def table_rows(out: str) -> dict:
+    """The dry run's stage table: name -> (jobs, after)."""
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)\s+(\S+)\s+(array|1 job)", line)
+        if m:
+            rows[m.group(1)] = (int(m.group(2)), m.group(3))
+    return rows
+
+
+def command_options(line: str) -> dict:
+    """key=value options of one printed command (the last one wins, as OmegaConf merges them)."""
+    argv = shlex.split(line.split(": ", 1)[1])
+    return dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
+
+
+# ----------------------------------------------------------------------------- the paper configs
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.name)
+def test_dry_run_prints_every_job_its_dependencies_and_the_array_size(path):
+    spec = yaml.safe_load(path.read_text())
+    res = reproduce("--config", path, "--dry-run")
+    assert res.returncode == 0, res.stderr
+    domains = list(dict.fromkeys(spec["aux_domains"] + spec["targets"]))
+    grid = {k: v for k, v in spec["relearn"].items() if isinstance(v, list) and k != "ablate"}
+    n_points = 1
+    for values in grid.values():
+        n_points *= len(values)
+    n_relearn = len(spec["targets"]) * len(spec["methods"]) * n_points * len(spec["seeds"])
+    expected = {"fetch": (len(domains), "-"), "pack": (len(domains), "fetch"), "embed": (1, "pack"),
+                "pretrain": (1, "embed"), "relearn": (n_relearn, "pretrain"), "select": (1, "relearn"),
+                "report": (1, "select")}
+    assert table_rows(res.stdout) == expected
+    assert f"array 0-{n_relearn - 1} slurm/reproduce_task.sh" in res.stdout
+    # every (target, method, grid point, seed) once, with the method's mode and the grid value
+    lines = [ln for ln in res.stdout.splitlines() if re.match(r"^\s+\d+ relearn ", ln)]
+    assert len(lines) == n_relearn
+    seen = set()
+    for line in lines:
+        o = command_options(line)
+        method = re.match(r"^\s+\d+ relearn \S+ (.+) seed \d+ \S+: ", line).group(1)
+        options = spec.get("method_options", {}).get(method)
+        if options is None:
+            assert (o["mode"], o.get("item_repr", "irl")) == METHOD_MODES[method]
+        else:
+            assert all(command_options(f"x: {shlex.join(options)}")[k] == o[k] for k in command_options(
+                f"x: {shlex.join(options)}"))
+        assert o["pretrained"].endswith("runs/pretrain/model") and o["select_metric"] == spec["select_metric"]
+        seen.add((o["domain"], method, tuple(float(o[k]) for k in grid), int(o["seed"])))
+    combos = itertools.product(spec["targets"], spec["methods"], itertools.product(*grid.values()), spec["seeds"])
+    assert seen == {(t, m, tuple(float(v) for v in p), s) for t, m, p, s in combos}
+    assert "GPU-hours" in res.stdout
+
+
+def test_paper_config_holds_the_papers_domains_files_and_hyper_parameters():
+    spec = yaml.safe_load((ROOT / "configs" / "paper" / "ant.yaml").read_text())
+    assert spec["aux_domains"] == ["Food", "Movies", "Home", "Clothing"]
+    assert spec["targets"] == ["Scientific", "Pantry", "Instruments", "Arts", "Office"]
+    categories = {"Food": "Grocery_and_Gourmet_Food", "Movies": "Movies_and_TV", "Home": "Home_and_Kitchen",
+                  "Clothing": "Clothing_Shoes_and_Jewelry", "Scientific": "Industrial_and_Scientific",
+                  "Pantry": "Prime_Pantry", "Instruments": "Musical_Instruments", "Arts": "Arts_Crafts_and_Sewing",
+                  "Office": "Office_Products"}
+    assert spec["files"] == {d: {"meta": f"meta_{c}.json.gz", "ratings": f"{c}.csv"} for d, c in categories.items()}
+    assert spec["embed"]["text_pooling"] == "cls" and "bert-base-uncased" in spec["embed"]["text_encoder"]
+    assert "swin-base" in spec["embed"]["image_encoder"]
+    p = spec["pretrain"]
+    assert (p["hidden"], p["n_layers"], p["n_heads"], p["tau"], p["align_weight"], p["lr"], p["batch_size"]) == \
+        (256, 2, 2, 0.07, 1e-3, 1e-3, 2048)
+    assert spec["relearn"]["beta"] == [0.1, 0.3, 0.5, 0.7] and spec["select_metric"] == "recall@10"
+
+
+def test_targets_and_seeds_flags_shrink_the_array():
+    res = reproduce("--config", ROOT / "configs/paper/ant.yaml", "--dry-run", "--targets", "Pantry,Office",
+                    "--seeds", "4")
+    assert res.returncode == 0, res.stderr
+    rows = table_rows(res.stdout)
+    assert rows["relearn"] == (2 * 5 * 4 * 1, "pretrain")
+    assert rows["fetch"][0] == 4 + 2  # the auxiliary domains and the two targets
+    assert "seed=4" in res.stdout and "seed=0" not in res.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("methods=[ReL,Magic]", "unknown method 'Magic'"),
+    ("relearn={domain: Office}", "set by the pipeline itself"),
+    ("targets=[Nowhere]", "files.Nowhere"),
+    ("select_metric=mrr@3", "select_metric"),
+    ("resources={train: {gpus: 1}}", "unknown stage 'train'"),
+    ("relearn={beta: []}", "empty grid"),
+])
+def test_bad_config_exits_2_naming_the_problem(override, message):
+    res = reproduce("--config", ROOT / "configs/paper/ant.yaml", "--dry-run", override)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_grid_points_expand_list_options_in_order_and_keep_list_typed_options():
+    points = grid_points({"beta": [0.1, 0.3], "lr": [1e-3, 3e-3], "dropout": 0.2, "ablate": ["T"]})
+    assert points == [{"beta": 0.1, "lr": 1e-3}, {"beta": 0.1, "lr": 3e-3},
+                      {"beta": 0.3, "lr": 1e-3}, {"beta": 0.3, "lr": 3e-3}]
+    assert grid_points({"ablate": [["T"], ["I", "P"]]}) == [{"ablate": ["T"]}, {"ablate": ["I", "P"]}]
+    assert grid_points({"beta": 0.3}) == [{}]
+
+
+# ----------------------------------------------------------------------------- selection
+def _fake_run(work: Path, target, method, seed, tag, beta, valid, test=0.5):
+    run = work / "runs" / "relearn" / target / method / f"seed{seed}" / tag
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({
+        "config": {"beta": beta, "seed": seed}, "valid": {target: {"mean": {"recall@10": valid, "ndcg@10": 1 - valid}}},
+        "test": {target: {"mean": {"recall@10": test}}}}))
+    return str(run)
+
+
+def test_selection_takes_the_best_validation_point_per_target_method_seed_and_the_earlier_on_a_tie(tmp_path):
+    cfg = ReproduceConfig(work_dir=str(tmp_path), aux_domains=["Food"], targets=["Office"], methods=["GB", "ReL"],
+                          seeds=[0, 1], relearn={"beta": [0.1, 0.3, 0.5]},
+                          files={d: {"meta": "m", "ratings": "r"} for d in ("Food", "Office")})
+    valid = {("GB", 0): [0.2, 0.5, 0.4], ("GB", 1): [0.3, 0.3, 0.1],    # seed 1: a tie -> beta 0.1
+             ("ReL", 0): [0.1, 0.2, 0.6], ("ReL", 1): [0.7, 0.2, 0.7]}  # test values never matter
+    dirs = {}
+    for (method, seed), values in valid.items():
+        for beta, v in zip((0.1, 0.3, 0.5), values):
+            dirs[method, seed, beta] = _fake_run(tmp_path, "Office", method, seed, f"beta{beta}", beta, v, test=1 - v)
+    sel = select_runs(cfg)
+    chosen = {(g["method"], g["seed"]): g["selected"]["run_dir"] for g in sel["groups"]}
+    assert chosen == {("GB", 0): dirs["GB", 0, 0.3], ("GB", 1): dirs["GB", 1, 0.1],
+                      ("ReL", 0): dirs["ReL", 0, 0.5], ("ReL", 1): dirs["ReL", 1, 0.1]}
+    assert sel["grid"] == {"beta": [0.1, 0.3, 0.5]} and sel["select_metric"] == "recall@10"
+    cfg.select_metric = "ndcg@10"  # 1 - recall here: the lowest recall wins
+    chosen = {(g["method"], g["seed"]): g["selected"]["run_dir"] for g in select_runs(cfg)["groups"]}
+    assert chosen[("GB", 0)] == dirs["GB", 0, 0.1] and chosen[("ReL", 1)] == dirs["ReL", 1, 0.3]
+
+
+def test_selection_refuses_missing_runs_and_runs_of_another_grid_point(tmp_path):
+    cfg = ReproduceConfig(work_dir=str(tmp_path), aux_domains=["Food"], targets=["Office"], methods=["GB"],
+                          seeds=[0], relearn={"beta": [0.1, 0.3]},
+                          files={d: {"meta": "m", "ratings": "r"} for d in ("Food", "Office")})
+    _fake_run(tmp_path, "Office", "GB", 0, "beta0.1", 0.1, 0.2)
+    with pytest.raises(ConfigError, match="no metrics.json"):
+        select_runs(cfg)
+    _fake_run(tmp_path, "Office", "GB", 0, "beta0.3", 0.7, 0.2)  # a stale folder: run with beta 0.7
+    with pytest.raises(ConfigError, match="beta=0.7"):
+        select_runs(cfg)
+
+
+def test_rated_meta_keeps_the_items_with_enough_ratings_and_their_lines(tmp_path):
+    import gzip
+
+    from ant_dist.reproduce_plan import write_rated_meta
+
+    items = [{"asin": a, "title": f"item {a}", "imageURLHighRes": [f"https://images.example/{a}.jpg"]}
+             for a in ("A", "B", "C", "D")]
+    with gzip.open(tmp_path / "meta.json.gz", "wt") as fh:
+        fh.writelines(json.dumps(i) + "\n" for i in items)
+    rows = {"A": 5, "B": 4, "C": 6, "D": 0}  # D: no rating at all; E: ratings without metadata
+    lines = [f"{a},U{k},5.0,{1000 + k}" for a, n in [*rows.items(), ("E", 9)] for k in range(n)]
+    (tmp_path / "ratings.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "rated" / "meta.json.gz"
+    assert write_rated_meta(str(tmp_path / "meta.json.gz"), str(tmp_path / "ratings.csv"), str(out), 5) == \
+        {"kept": 2, "total": 4}
+    with gzip.open(out, "rt") as fh:
+        assert [json.loads(ln) for ln in fh] == [items[0], items[2]]
+
+
+def test_commands_stop_at_the_first_failure_and_share_out_the_gpus(tmp_path):
+    from ant_dist.reproduce import run_commands
+
+    ended = []
+    probe = "import os, sys; open(sys.argv[1], 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', '')); sys.exit({})"
+    cmds = [(f"c{k}", [sys.executable, "-c", probe.format(code), str(tmp_path / f"c{k}")], {},
+             lambda rc, _t, k=k: ended.append((k, rc))) for k, code in enumerate([0, 0, 3, 0])]
+    assert run_commands(cmds[:2], parallel=2, gpus=["5", "7"]) == 0
+    assert sorted((tmp_path / f"c{k}").read_text() for k in (0, 1)) == ["5", "7"]  # one GPU each
+    ended.clear()
+    assert run_commands(cmds[1:], parallel=1) == 3
+    assert ended == [(1, 0), (2, 3)] and not (tmp_path / "c3").exists()  # nothing starts after a failure
+
+
+def test_a_command_dies_with_the_runner(tmp_path):
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os; open({str(pid_file)!r}, 'w').write(str(os.getpid())); os.read(0, 1)"  # blocks on stdin
+    runner = ("import sys; from ant_dist.reproduce import run_commands; "
+              f"run_commands([('c', [sys.executable, '-c', {child!r}], None, lambda *a: None)], parallel=1)")
+    proc = subprocess.Popen([sys.executable, "-c", runner], stdin=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert proc.poll() is None and time.time() < deadline, "the command did not start"
+            time.sleep(0.05)
+        grandchild = psutil.Process(int(pid_file.read_text()))
+        os.kill(proc.pid, signal.SIGKILL)
+        grandchild.wait(timeout=30)  # raises TimeoutExpired if it outlived the runner
+    finally:
+        proc.kill()
+        proc.wait()
+        if pid_file.exists() and pid_file.read_text() and psutil.pid_exists(int(pid_file.read_text())):
+            psutil.Process(int(pid_file.read_text())).kill()  # only on failure: leave nothing behind
+
+
+def test_emit_slurm_writes_the_stage_table_and_the_distributed_stages_arguments(tmp_path):
+    res = reproduce("--config", ROOT / "configs/paper/ant.yaml", f"work_dir={tmp_path / 'w'}", "--seeds", "0",
+                    "--emit-slurm", tmp_path / "plan")
+    assert res.returncode == 0, res.stderr
+    assert Path(res.stdout.strip()) == (tmp_path / "plan").resolve()
+    rows = [ln.split("\t") for ln in (tmp_path / "plan" / "stages.tsv").read_text().splitlines()]
+    assert [(r[0], r[1], int(r[2]), r[3], r[4]) for r in rows] == [
+        ("fetch", "task", 9, "-", "0"), ("pack", "task", 9, "fetch", "0"), ("embed", "embed", 1, "pack", "0"),
+        ("pretrain", "pretrain", 1, "embed", "0"), ("relearn", "task", 5 * 5 * 4, "pretrain", "0"),
+        ("select", "task", 1, "relearn", "0"), ("report", "task", 1, "select", "0")]
+    pretrain_args = (tmp_path / "plan" / "pretrain.args").read_text().splitlines()
+    assert "domains=[Food,Movies,Home,Clothing]" in pretrain_args and "loss=exact" in pretrain_args
+    assert (tmp_path / "plan" / "pretrain.config").read_text().strip().endswith("configs/pretrain.yaml")
+    config = yaml.safe_load((tmp_path / "plan" / "config.yaml").read_text())
+    assert config["seeds"] == [0] and config["work_dir"] == str(tmp_path / "w")
+
+
+def test_ablations_config_differs_from_the_main_one_only_in_its_methods_and_report():
+    main = yaml.safe_load((ROOT / "configs" / "paper" / "ant.yaml").read_text())
+    ablations = yaml.safe_load((ROOT / "configs" / "paper" / "ablations.yaml").read_text())
+    own = {"methods", "method_options", "report_dir"}
+    assert {k: v for k, v in ablations.items() if k not in own} == {k: v for k, v in main.items() if k not in own}
+    assert ablations["methods"][0] == "ReL" and ablations["work_dir"] == main["work_dir"]
+
+
+# ----------------------------------------------------------------------------- a tiny reproduction
+class ImageServer:
+    """The synthetic world's images over HTTP on 127.0.0.1: GET /<item>.<ext> -> the file."""
+
+    def __init__(self, image_dirs):
+        files = {p.name: p for d in image_dirs for p in Path(d).iterdir()}
+        self.requests = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(handler):
+                self.requests += 1
+                path = files.get(handler.path.lstrip("/"))
+                if path is None:
+                    handler.send_error(404)
+                    return
+                body = path.read_bytes()
+                handler.send_response(200)
+                handler.send_header("Content-Length", str(len(body)))
+                handler.end_headers()
+                handler.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.prefix = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, request):
+    """Two auxiliary domains and one target in the Amazon 2018 format, tiny local encoders, an image
+    server, and a writer of reproduction configs over them."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from ant_dist.config import SynthConfig
+    from ant_dist.data.synth import synthesize
+    from ant_dist.encoders import minilm_path, save_random_swin
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    save_random_swin(root / "swin", image_size=32, embed_dim=16)
+    manifest = synthesize(SynthConfig(out=str(root / "raw"), aux_domains=["Food", "Home"], target_domains=["Office"],
+                                      items_per_domain=200, users_per_domain=300, target_items_per_domain=100,
+                                      target_users_per_domain=120, image_size=32, workers=1, progress=False))
+    domains = manifest["aux"] + manifest["target"]
+    server = ImageServer([d["images"] for d in domains])
+    request.addfinalizer(server.close)
+
+    def write_config(work: Path) -> Path:
+        spec = {
+            "work_dir": str(work), "raw_dir": str(root / "raw"), "aux_domains": ["Food", "Home"], "targets": ["Office"],
+            "files": {d["name"]: {"meta": d["meta"], "ratings": d["interactions"]} for d in domains},
+            "fetch_options": {"parallel": 4, "rate_per_host": 0, "url_prefix_from": "https://images.example/",
+                              "url_prefix_to": server.prefix, "progress": False},
+            "pack": {"shard_max_items": 100, "workers": 1, "progress": False},
+            "embed": {"text_encoder": str(root / "bert"), "image_encoder": str(root / "swin"), "text_pooling": "mean",
+                      "batch_size": 64, "num_workers": 0, "progress": False},
+            "pretrain": {"hidden": 32, "n_experts": 2, "batch_size": 64, "loss": "sampled", "n_negatives": 64,
+                         "max_steps": 8, "eval_users": 50, "checkpoint_every": 0, "num_workers": 0,
+                         "tracker": "none", "progress": False},
+            "relearn": {"beta": [0.1, 0.7], "batch_size": 64, "max_epochs": 2, "min_epochs": 1, "patience_steps": 0,
+                        "tracker": "none", "progress": False},
+            "methods": ["GB", "FT", "ReL"], "seeds": [0], "alpha": 0.1,
+        }
+        path = work.parent / f"{work.name}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return path
+
+    return {"root": root, "server": server, "domains": [d["name"] for d in domains], "write_config": write_config}
+
+
+def check_reproduction(work: Path) -> dict:
+    """The report holds the GB / FT / ReL table of the target, built from exactly the runs that won on
+    validation (checked here against every metrics.json), and nothing else."""
+    selection = json.loads((work / "report" / "selection.json").read_text())
+    metric = selection["select_metric"]
+    winners = {}
+    for method in ("GB", "FT", "ReL"):
+        runs = sorted((work / "runs" / "relearn" / "Office" / method / "seed0").glob("beta*/metrics.json"))
+        assert [r.parent.name for r in runs] == ["beta0.1", "beta0.7"]
+        values = [json.loads(r.read_text())["valid"]["Office"]["mean"][metric] for r in runs]
+        winners[method] = str(runs[1 if values[1] > values[0] else 0].parent)
+    assert {g["method"]: g["selected"]["run_dir"] for g in selection["groups"]} == winners
+    report = json.loads((work / "report" / "report.json").read_text())
+    assert sorted(str(Path(r["path"]).parent) for r in report["runs"]) == sorted(winners.values())
+    table = next(t for t in report["tables"] if t["domain"] == "Office")
+    assert sorted(r["method"] for r in table["rows"]) == ["FT", "GB", "ReL"]
+    text = (work / "report" / "report.md").read_text()
+    for method in ("GB", "FT", "ReL"):
+        assert re.search(rf"^\| {method} \|", text, re.M), text[:2000]
+    assert any(nt["domain"] == "Office" for nt in report["negative_transfer"])
+    return selection
+
+
+@pytest.mark.slow
+def test_tiny_reproduction_on_one_machine_runs_the_chain_and_reruns_nothing(tiny, tmp_path):
+    config = tiny["write_config"](tmp_path / "local")
+    res = reproduce("--config", config, "--parallel", "2", timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    work = tmp_path / "local"
+    for d in tiny["domains"]:  # every packed item whose raw image exists got it over HTTP
+        fetched = json.loads((work / "images" / d / "fetch_report.json").read_text())
+        catalog = pq.read_table(work / "shards" / d / "catalog.parquet").to_pydict()
+        served = {p.stem for p in (tiny["root"] / "raw" / d / "images").iterdir()}
+        assert [i in served for i in catalog["item_id"]] == catalog["has_image"]
+        assert 0 < fetched["counts"]["ok"] < len(served)  # only items with >= 5 ratings were fetched
+    check_reproduction(work)
+    timings = [json.loads(ln) for ln in (work / "timings.jsonl").read_text().splitlines()]
+    assert {t["stage"] for t in timings} == set(CHAIN) and all(t["exit"] == 0 for t in timings)
+    # a rerun of the expensive stages finds every output and runs nothing
+    again = reproduce("--config", config, "--stages", "fetch,pack,embed,pretrain,relearn")
+    assert again.returncode == 0, again.stderr
+    assert "$ " not in again.stdout and again.stdout.count("done already") == 3 + 3 + 1 + 1 + 6
+
+
+def _stage_times(jobs: dict) -> dict:
+    """Per stage: seconds from its first task's start to its last task's end, and the wait before it
+    (from the previous stage's end), from Slurm's own records (scontrol: whole seconds)."""
+    from datetime import datetime
+
+    spans = {}
+    for stage, job in jobs.items():
+        out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
+        records = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in out.splitlines()]
+        starts = [datetime.fromisoformat(r["StartTime"]) for r in records if r.get("StartTime", "-")[0].isdigit()]
+        ends = [datetime.fromisoformat(r["EndTime"]) for r in records if r.get("EndTime", "-")[0].isdigit()]
+        if starts and ends:
+            spans[stage] = (min(starts), max(ends), len(records))
+    figures, previous = {}, None
+    for stage, (start, end, n) in spans.items():
+        figures[stage] = {"jobs": n, "wall_s": (end - start).total_seconds(),
+                          "waited_s": (start - previous).total_seconds() if previous else None}
+        previous = end
+    return figures
+
+
+@slurm
+@pytest.mark.slow
+@pytest.mark.usefixtures("cluster")
+def test_tiny_reproduction_through_slurm_submits_the_chain_and_reports_the_selected_runs(tiny, tmp_path):
+    import os
+    import time
+
+    config = tiny["write_config"](tmp_path / "slurm")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, **ENV_KEYS,
+           "ANT_CPU": "1", "ANT_PYTHON": sys.executable}
+    env.pop("ACCELERATE_USE_CPU", None)
+    t0 = time.time()
+    res = subprocess.run(["bash", "slurm/reproduce_paper.sh", "--config", str(config)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    submitted = list((tmp_path / "slurm" / "slurm").glob("*/jobs.tsv"))
+    jobs = dict(line.split("\t") for line in submitted[0].read_text().splitlines()) if submitted else {}
+    try:
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert list(jobs) == list(CHAIN)
+        plan = submitted[0].parent
+        state = _wait_job_done(jobs["report"], timeout=900)
+        logs = "".join(p.read_text()[-1500:] for p in sorted((plan / "logs").glob("*.log")))
+        assert state["JobState"] == "COMPLETED", f"{state}\n{logs}"
+        total = time.time() - t0
+        for stage, job in jobs.items():  # an array's state is its tasks' (each listed)
+            states = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
+            assert "JobState=COMPLETED" in states and "JobState=FAILED" not in states, stage
+        # as submitted: each stage after the previous one (afterok), the re-learning runs as one array
+        after = dict(re.findall(r"^(\w+): job \d+ \(\d+ task\(s\)(?:, after (\d+))?", res.stdout, re.M))
+        assert after == {stage: jobs.get(up, "") for stage, up in CHAIN.items()}, res.stdout
+        relearn = subprocess.run(["scontrol", "-o", "show", "job", jobs["relearn"]], capture_output=True, text=True)
+        assert relearn.stdout.count("ArrayTaskId=") == 6, relearn.stdout
+        check_reproduction(tmp_path / "slurm")
+        figures = _stage_times(jobs)
+        print(json.dumps({"slurm_stage_times": figures, "submit_to_report_s": round(total, 1)}))
+    finally:
+        for job in jobs.values():
+            subprocess.run(["scancel", job], capture_output=True)
