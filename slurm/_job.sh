@@ -30,10 +30,14 @@ while kill -0 "$step" 2>/dev/null; do
   wait "$step"
   code=$?
 done
-if [ -n "$stop" ]; then
+if [ "$stop" = USR1 ]; then  # the time-limit warning (--signal=B:USR1@...): continue in a new allocation
   echo "[job $SLURM_JOB_ID] stopped (exit $code) at $(date -Is); requeueing: the next start resumes" >&2
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
+fi
+if [ "$stop" = TERM ]; then  # scancel, or preemption (Slurm requeues a preempted job itself if so configured)
+  echo "[job $SLURM_JOB_ID] terminated (exit $code) at $(date -Is) after a checkpoint; not requeued" >&2
+  exit "$code"
 fi
 echo "[job $SLURM_JOB_ID] finished with exit code $code at $(date -Is)"
 exit "$code"
