@@ -174,6 +174,27 @@ def analyse(work: Path, fractions: list[float]) -> dict:
     return {"rows": rows, "checks": checks}
 
 
+def markdown_table(result: dict, metric: str = "ndcg@10") -> str:
+    """Rows (shift, target, fraction) x method columns: mean ± std over seeds; vs GB, paired t-test
+    p < 0.05: * better, ! worse."""
+    methods = ("GB", "FT", "ReL", "ANT_e", "ID-SASRec", "zero-shot")
+    cells: dict[tuple, dict[str, str]] = {}
+    for r in result["rows"]:
+        mean, std, p = r[f"{metric}_mean"], r[f"{metric}_std"], r.get(f"p_vs_GB_{metric}")
+        mark = ""
+        if p is not None and p < 0.05 and r["method"] != "GB":
+            gb = next(x for x in result["rows"] if (x["target"], x["fraction"], x["method"]) ==
+                      (r["target"], r["fraction"], "GB"))
+            mark = "*" if mean > gb[f"{metric}_mean"] else "!"
+        text = f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "") + mark
+        cells.setdefault((r["shift"], r["target"].split("_")[0], r["fraction"]), {})[r["method"]] = text
+    lines = ["| shift | target | users trained on | " + " | ".join(methods) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in methods) + " |"]
+    for (shift, target, f), row in sorted(cells.items()):
+        lines.append(f"| {shift} | {target} | {f:.0%} | " + " | ".join(row.get(m, "–") for m in methods) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(result: dict, fractions: list[float], path: Path) -> None:
     import matplotlib
 
@@ -187,7 +208,7 @@ def plot(result: dict, fractions: list[float], path: Path) -> None:
             pts = sorted((r["fraction"], r["ndcg@10_mean"], r["ndcg@10_std"]) for r in result["rows"]
                          if r["target"] == target and r["method"] == method)
             if pts:
-                x, y, e = zip(*pts)
+                x, y, e = zip(*[(a, b, c if c is not None else 0.0) for a, b, c in pts])  # one seed: no std
                 ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method)
         zs = [r["ndcg@10_mean"] for r in result["rows"] if r["target"] == target and r["method"] == "zero-shot"]
         if zs:
@@ -235,6 +256,9 @@ def main() -> int:
                        "target_users": args.target_users, "pretrain": DEMO_PRETRAIN}
     out = ROOT / "bench" / "results" / "transfer.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
+    tables = "".join(f"\n{m}:\n\n" + markdown_table(result, m) for m in ("ndcg@10", "recall@10"))
+    (out.parent / "transfer.md").write_text(tables)
+    print(tables)
     plot(result, fractions, ROOT / "docs" / "img" / "transfer.png")
     for c in result["checks"]:
         print(("PASS " if c["passed"] else "FAIL ") + json.dumps(c))
