@@ -109,7 +109,8 @@ def target_jobs(work: Path, seeds: list[int], fractions: list[float]) -> list[tu
         name = job[0]
         shifted, smallest = name.split("/")[1].endswith("_s1"), f"/f{min(fractions):g}/" in name
         core = any(f"/{m}-s" in name for m in ("GB", "FT", "ReL"))
-        return (not core, not (smallest or shifted), not smallest)
+        quick = "/zero-shot-s" in name  # evaluation only: seconds each
+        return (not core, not quick, not (smallest or shifted), not smallest)
     return sorted(jobs, key=priority)
 
 
