@@ -255,8 +255,9 @@ def test_relearn_selects_the_best_epoch_and_tests_its_weights(world, pretrained)
 
 @pytest.mark.slow
 def test_zero_shot_evaluates_the_pretrained_model_as_it_is(world, pretrained):
-    m = _relearn(world, pretrained, "rl-zeroshot", "mode=zeroshot")
+    m = _relearn(world, pretrained, "rl-zeroshot", "mode=zeroshot", processes=2)
     assert m["steps"] == 0 and m["method"] == "zero-shot"
+    assert _records(world / "runs" / "rl-zeroshot", "start")[0]["world_size"] == 2
     model, _ = load_model(pretrained)
     recall, ndcg = _naive_test_metrics(model, world)
     np.testing.assert_array_equal(np.array(m["test"]["Office"]["per_user"]["recall@10"]), recall)

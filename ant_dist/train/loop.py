@@ -219,7 +219,10 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
             ds["gradient_accumulation_steps"] = 1
             ds["gradient_clipping"] = cfg.grad_clip
         # the scheduler stays unwrapped: it is stepped once per optimizer step, whatever the engine
-        objective, optimizer = accelerator.prepare(objective, optimizer)
+        if trainable:
+            objective, optimizer = accelerator.prepare(objective, optimizer)
+        else:  # zero-shot: DDP refuses a module with nothing to train, and nothing needs syncing
+            objective = objective.to(device)
 
         # ---- resume
         state = {"step": 0, "epoch": 0, "consumed": 0}
