@@ -298,7 +298,7 @@ class RelearnConfig(PretrainConfig):
                       "item_repr, with the ablations appended)")
     select_metric: str = opt("recall@10", "validation metric that picks the best epoch (pooled over the target "
                              "users): recall@K or ndcg@K, K in 10, 20, 50")
-    patience_steps: int = opt(100, "early stopping: stop after this many optimizer steps without a better "
+    patience_steps: int = opt(200, "early stopping: stop after this many optimizer steps without a better "
                               "validation metric (counted in steps, so tiny targets are not stopped at epoch 0; "
                               "0 = never stop early)")
     min_epochs: int = opt(5, "early stopping never stops before this many epochs")

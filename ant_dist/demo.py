@@ -56,8 +56,9 @@ DEMO_PRETRAIN = ["hidden=64", "batch_size=256", "lr=5e-3", "warmup_steps=20", "s
 
 
 # Target runs: the exact softmax over the target's items (the default), a batch that gives a tiny
-# target several steps per epoch, and a patience in steps long enough for from-scratch models.
-DEMO_RELEARN = ["batch_size=64", "lr=1e-3", "dropout=0.2", "patience_steps=60", "min_epochs=5", "max_epochs=200"]
+# target several steps per epoch, and a patience in steps long enough for every method: with 60
+# steps, runs on 600 users stopped 40-120 epochs before their best (docs/benchmarks.md, "Transfer").
+DEMO_RELEARN = ["batch_size=64", "lr=1e-3", "dropout=0.2", "patience_steps=200", "min_epochs=5", "max_epochs=300"]
 # method label -> relearn options
 METHODS = {"GB": ["mode=scratch"], "FT": ["mode=finetune"], "ReL": ["mode=relearn"],
            "ANT_e": ["mode=relearn", "item_repr=irl+id"], "ID-SASRec": ["mode=scratch", "item_repr=id"],
