@@ -80,14 +80,12 @@ def check_target_config(cfg: RelearnConfig) -> None:
         raise TrainError("; ".join(problems))
 
 
-def _architecture(cfg: RelearnConfig, text_dim: int, image_dim: int) -> tuple[IRLConfig, SASRecConfig, dict]:
+def _architecture(cfg: RelearnConfig, pretrained: ANT | None, text_dim: int,
+                  image_dim: int) -> tuple[IRLConfig, SASRecConfig]:
     """IRL and SASRec configs: shapes from the pre-trained model if any, training settings from cfg."""
     flags = {flag: name not in ablation_names(cfg) for name, flag in ABLATIONS.items()}
-    if cfg.pretrained:
-        _, config = load_model(cfg.pretrained)
-        a = config["ant"]
-        irl = IRLConfig(**a["irl"])
-        sasrec = SASRecConfig(**a["sasrec"])
+    if pretrained is not None:
+        irl, sasrec = pretrained.cfg.irl, pretrained.cfg.sasrec
         if (irl.text_dim, irl.image_dim) != (text_dim, image_dim):
             raise TrainError(f"the target's features have text/image dims {text_dim}/{image_dim} but {cfg.pretrained} "
                              f"was pre-trained on {irl.text_dim}/{irl.image_dim}: embed the target with the same "
@@ -95,22 +93,21 @@ def _architecture(cfg: RelearnConfig, text_dim: int, image_dim: int) -> tuple[IR
     else:
         irl = IRLConfig(text_dim=text_dim, image_dim=image_dim, hidden=cfg.hidden, n_heads=cfg.n_experts)
         sasrec = SASRecConfig(hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads, max_len=cfg.max_len)
-        config = {}
     irl = dataclasses.replace(irl, dropout=cfg.irl_dropout, beta=cfg.beta, gate_noise=cfg.gate_noise, **flags)
     sasrec = dataclasses.replace(sasrec, dropout=cfg.dropout)
-    if cfg.pretrained and sasrec.max_len != cfg.max_len:
+    if pretrained is not None and sasrec.max_len != cfg.max_len:
         cfg.max_len = sasrec.max_len  # the position table's size is the pre-trained one
-    return irl, sasrec, config
+    return irl, sasrec
 
 
 def build_target_model(cfg: RelearnConfig, features, corpus) -> ANT:
     """The model of `cfg.mode`, with requires_grad set on exactly the parameters that train."""
-    irl, sasrec, _ = _architecture(cfg, features.text_dim, features.image_dim)
+    pretrained = load_model(cfg.pretrained)[0] if cfg.pretrained else None  # read once: shapes and weights
+    irl, sasrec = _architecture(cfg, pretrained, features.text_dim, features.image_dim)
     model = ANT(ANTConfig(item_source=cfg.item_repr, n_items=corpus.n_items if "id" in cfg.item_repr else 0,
                           irl=irl, sasrec=sasrec))
     if cfg.mode == "scratch":
         return model
-    pretrained, _ = load_model(cfg.pretrained)
     weights = pretrained.state_dict()
     if cfg.mode == "relearn":
         # only the user model is transferred: the item model and positions are re-learned
