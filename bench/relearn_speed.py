@@ -25,14 +25,12 @@ sys.path.insert(0, str(ROOT))
 
 def build(work: Path) -> dict:
     import pyarrow.parquet as pq
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
 
     from ant_dist.config import EmbedConfig, PackConfig, SynthConfig
     from ant_dist.data.pack import pack_domain
     from ant_dist.data.synth import synthesize
     from ant_dist.embed import run as embed
-    from ant_dist.encoders import minilm_path, save_random_swin
+    from ant_dist.encoders import save_random_bert, save_random_swin
 
     inter = work / "shards" / "Speed" / "interactions.parquet"
     if not (work / "features" / "Speed" / "manifest.json").is_file():
@@ -42,11 +40,7 @@ def build(work: Path) -> dict:
         d = m["aux"][0]
         pack_domain(PackConfig(domain="Speed", meta=d["meta"], interactions=d["interactions"], images=d["images"],
                                out=str(work / "shards"), workers=2, progress=False))
-        tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
-        torch.manual_seed(0)  # ID-SASRec never reads features; tiny encoders only make the tables exist
-        BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                             intermediate_size=64)).save_pretrained(work / "bert")
-        tok.save_pretrained(work / "bert")
+        save_random_bert(work / "bert")  # ID-SASRec never reads features; tiny encoders only make the tables exist
         save_random_swin(work / "swin", image_size=32, embed_dim=16)
         embed(EmbedConfig(shards=str(work / "shards"), out=str(work / "features"), text_encoder=str(work / "bert"),
                           image_encoder=str(work / "swin"), text_pooling="mean", num_workers=0, progress=False))

@@ -12,21 +12,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 def world(tmp_path_factory):
     """Two auxiliary domains (Food, Home) and one target (Office), packed and embedded with tiny random
     encoders (for training tests)."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
     from ant_dist.config import EmbedConfig, PackConfig, SynthConfig
     from ant_dist.data.pack import pack_domain
     from ant_dist.data.synth import synthesize
     from ant_dist.embed import run as embed
-    from ant_dist.encoders import minilm_path, save_random_swin
+    from ant_dist.encoders import save_random_bert, save_random_swin
 
     root = tmp_path_factory.mktemp("world")
-    tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(root / "bert")
-    tok.save_pretrained(root / "bert")
+    save_random_bert(root / "bert")
     save_random_swin(root / "swin", image_size=32, embed_dim=16)
     manifest = synthesize(SynthConfig(out=str(root / "raw"), aux_domains=["Food", "Home"], target_domains=["Office"],
                                       items_per_domain=300, users_per_domain=500, target_items_per_domain=120,

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import yaml
 from ant_dist.config import PackConfig
 from ant_dist.data.pack import pack_domain
 from ant_dist.export_recbole import ExportRecboleConfig, cli_overrides, export_domain, main
+from test_real_data import _reference_sequences  # the brute-force 5-core, stable-sort, last-50 reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,24 +61,6 @@ def recbole_sequences(inter_path: Path) -> dict[str, list[tuple[str, float]]]:
     for u, i, t in rows:
         seqs[u].append((i, t))
     return dict(seqs)
-
-
-def reference_ml100k(inter_path: Path, k: int = 5, last: int = 50) -> dict[str, list[str]]:
-    """Brute force on the raw file: rows in file order, iterative k-core, stable sort by time, last N."""
-    with open(inter_path) as f:
-        cols = [h.split(":")[0] for h in f.readline().rstrip("\n").split("\t")]
-        rows = [(r["user_id"], r["item_id"], float(r["timestamp"]))
-                for r in (dict(zip(cols, line.rstrip("\n").split("\t"))) for line in f)]
-    while True:
-        users, items = Counter(r[0] for r in rows), Counter(r[1] for r in rows)
-        kept = [r for r in rows if users[r[0]] >= k and items[r[1]] >= k]
-        if len(kept) == len(rows):
-            break
-        rows = kept
-    seqs = defaultdict(list)
-    for r in rows:
-        seqs[r[0]].append(r)
-    return {u: [r[1] for r in sorted(s, key=lambda r: r[2])][-last:] for u, s in seqs.items()}
 
 
 def packed(domain_dir: Path) -> tuple[dict[str, list[tuple[str, int]]], dict[str, str], dict[str, float]]:
@@ -119,7 +102,7 @@ def test_ml100k_export_gives_recbole_our_sequences(ml100k):
     out = root / "rb" / "ml-100k"
     got = recbole_sequences(out / "ml-100k.inter")
     ours, _, _ = packed(root / "shards" / "ml-100k")
-    ref = reference_ml100k(src / "ml-100k.inter")
+    ref = _reference_sequences(src / "ml-100k.inter")
     assert len(got) == len(ref) == 943
     assert _items_only(got) == ref                                       # 5-core, stable time order, last 50
     assert got == {u: [(i, float(t)) for i, t in s] for u, s in ours.items()}  # and our timestamps
@@ -142,7 +125,7 @@ def test_ml100k_items_texts_and_counts(ml100k):
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
     assert {r[0]: r[1] for r in rows} == texts
     inter = read_like_recbole(out / "ml-100k.inter")
-    ref = reference_ml100k(src / "ml-100k.inter")
+    ref = _reference_sequences(src / "ml-100k.inter")
     assert record["counts"] == {"users": 943, "items": len(texts), "interactions": sum(map(len, ref.values())),
                                 "items_with_price": 0}
     assert len(inter) == record["counts"]["interactions"] and inter["user_id"].nunique() == 943
