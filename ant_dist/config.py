@@ -259,6 +259,8 @@ class PretrainConfig:
     max_epochs: int = opt(10, "stop after this many epochs")
     max_steps: int = opt(0, "stop after this many optimizer steps (0 = no limit)")
     precision: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    compile: bool = opt(False, "torch.compile the item model and the user model (inductor, dynamic shapes; "
+                        "the first steps pay the compilation)")
     seed: int = opt(0, "seed of the data order, negatives, dropout and initialisation")
     # evaluation, checkpoints, monitoring
     eval_every: int = opt(0, "validate every N steps (0 = at the end of each epoch, -1 = never: benchmarks)")

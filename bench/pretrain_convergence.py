@@ -35,6 +35,8 @@ RUNS = {
     "dropout0.5-300": TUNED + ["dropout=0.5", "max_steps=300", "eval_every=100"],
     "lr1e-3-300": TUNED + ["lr=1e-3", "max_steps=300", "eval_every=100"],
     "batch128-300": TUNED + ["batch_size=128", "max_steps=300", "eval_every=100"],
+    # torch.compile (inductor) of the item and user models; compilation is in the wall time
+    "compile-300": TUNED + ["compile=true", "max_steps=300", "eval_every=100"],
     # the reference setting (hidden 64, batch 128, lr 1e-3, exact, paper dropout)
     "reference": ["hidden=64", "batch_size=128", "lr=1e-3", "loss=exact", "dropout=0.5", "max_steps=400",
                   "eval_every=100"],

@@ -171,6 +171,27 @@ def test_memory_mapped_features_train_like_features_in_memory(world):
     assert _max_diff(a, b) < 1e-6
 
 
+@pytest.mark.slow
+def test_compiled_models_train_like_eager_ones(world, tmp_path):
+    # compile=true runs inductor kernels (its cache fills: the compilation really happened) and
+    # must step like the eager model up to float reordering; no randomness inside the step,
+    # because compiled kernels draw random numbers from other streams than eager ones
+    # (Adam moves every parameter by ~lr = 1e-2 a step: far above the tolerance)
+    exact = ["gate_noise=false", "dropout=0", "irl_dropout=0", "max_steps=3", "eval_every=-1", "lr=1e-2",
+             "warmup_steps=1"]
+    cache = tmp_path / "inductor"
+    eager = _run(_cmd(world, "eager", *exact))
+    env = {**ENV, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    compiled = subprocess.run(_cmd(world, "compiled", *exact, "compile=true"), env=env, capture_output=True,
+                              text=True, timeout=900)
+    for res in (eager, compiled):
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert any(cache.rglob("*.py")), "no inductor kernel was generated"
+    a, b = _params(world / "runs" / "eager"), _params(world / "runs" / "compiled")
+    assert a.keys() == b.keys()  # compiled in place: checkpoints keep the plain parameter names
+    assert _max_diff(a, b) < 1e-4
+
+
 # ----------------------------------------------------------------------------- interruptions
 @pytest.mark.slow
 def test_sigkill_one_rank_then_resume_equals_uninterrupted(world):

@@ -11,7 +11,6 @@ writing a checkpoint (resume with resume=auto).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -42,7 +41,7 @@ from .evaluate import evaluate
 from .features import load_catalog_features
 from .objective import TrainObjective
 from .selection import Selection, check_metric
-from .tracking import MetricsLog, accelerate_log_with, start_trackers
+from .tracking import MetricsLog, accelerate_log_with, memory_figures, param_digest, start_trackers
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3, 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -137,21 +136,6 @@ def _lock_run_dir(accelerator, run_dir: Path, stack: ExitStack) -> None:
         raise TrainError(message[0])
 
 
-def _memory() -> dict:
-    out = {}
-    try:
-        with open("/proc/self/status") as f:  # anonymous memory: memory-mapped feature pages excluded
-            for line in f:
-                if line.startswith(("RssAnon:", "VmHWM:")):
-                    key = "rss_anon_mib" if line.startswith("RssAnon") else "peak_rss_mib"
-                    out[key] = round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        out["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return out
-
-
 def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=None) -> dict:
     """Train; returns a summary. Raises TrainError (bad input), NonFiniteError, or Stopped.
 
@@ -200,6 +184,13 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
             model = build_model(cfg, features.text_dim, features.image_dim)
         else:
             model = make_model(cfg, features, corpus)
+        if cfg.compile:  # in place: parameter names, and so checkpoints, stay those of the plain model
+            # Dynamo's DDP graph splitting fails on the item model's float arguments (torch 2.13);
+            # the compiled parts are small, so one graph each with DDP's own bucketing loses nothing
+            torch._dynamo.config.optimize_ddp = False
+            for part in (model.irl, model.sasrec):
+                if part is not None:
+                    part.compile(dynamic=True)
         objective = TrainObjective(model, features, cfg.loss, cfg.tau, cfg.align_weight, sampler,
                                    popularity + 1.0, cfg.in_batch_negatives,
                                    cfg.gather_negatives and not cfg.shared_negatives, cfg.exact_chunk)
@@ -345,7 +336,7 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
                               "train/lr": scheduler.get_last_lr()[0], "train/epoch": state["epoch"],
                               "perf/step_s": dt, "perf/sequences_per_s": (bounds[j][1] - bounds[j][0]) / dt,
                               "perf/positions_per_s": batch["n_global"] / dt,
-                              **{f"mem/{k}": v for k, v in _memory().items()}}
+                              **{f"mem/{k}": v for k, v in memory_figures().items()}}
                     accelerator.log(record, step=state["step"])
                     metrics_log.write({"event": "train", "step": state["step"], **record})
                     bar.set_postfix(loss=f"{rec:.3f}", lr=f"{record['train/lr']:.1e}")
@@ -380,7 +371,7 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
             accelerator.wait_for_everyone()
             unwrapped.load_state_dict(load_model_weights(run_dir / "best"))
         # every process must hold the same parameters: record each one's digest to show it
-        digests = gather_object([_param_digest(unwrapped)])
+        digests = gather_object([param_digest(unwrapped)])
         if main:
             export_model(unwrapped, run_dir / "model", {
                 "stage": stage, "domains": corpus.names, "items_per_domain": [d.n_items for d in domains],
@@ -396,14 +387,6 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return summary
-
-
-def _param_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _newest(run_dir: Path) -> str:

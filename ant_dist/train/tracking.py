@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from . import TrainError
 
 TRACKERS = ("wandb", "tensorboard", "none")
@@ -78,3 +80,28 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}, sort_keys=True) + "\n")
+
+
+def memory_figures() -> dict:
+    """Host memory of this process (anonymous RSS excludes memory-mapped feature pages) and GPU peak."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:  # anonymous memory: memory-mapped feature pages excluded
+            for line in f:
+                if line.startswith(("RssAnon:", "VmHWM:")):
+                    key = "rss_anon_mib" if line.startswith("RssAnon") else "peak_rss_mib"
+                    out[key] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        out["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """A short hash of every parameter and buffer: equal digests on all processes show they agree."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
