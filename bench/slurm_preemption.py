@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ["hidden=64", "batch_size=256", "lr=5e-3", "warmup_steps=20", "schedule=constant", "dropout=0.2",
-            "loss=sampled", "n_negatives=1024", "eval_every=-1", "max_steps=300", "checkpoint_every=50",
+            "loss=sampled", "n_negatives=1024", "eval_every=-1", "max_steps=120", "checkpoint_every=50",
             "tracker=wandb", "progress=false", "domains=[Food,Movies,Home,Clothing]"]
 
 
