@@ -22,7 +22,12 @@ elif [ "$total" -gt 1 ]; then
   args+=(--multi_gpu)
 fi
 if [ "${ANT_CPU:-0}" = "1" ]; then
-  export ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  # DDP on CPU needs ACCELERATE_USE_CPU; under DeepSpeed it would silently turn the run into
+  # DDP (DeepSpeed finds the CPU by itself and the trainer picks gloo)
+  if ! grep -qs "distributed_type: *DEEPSPEED" "${ANT_ACCELERATE_CONFIG:-/dev/null}"; then
+    export ACCELERATE_USE_CPU=1
+  fi
 fi
 config=()
 [ -n "${ANT_CONFIG:-}" ] && config=(--config "$ANT_CONFIG")
