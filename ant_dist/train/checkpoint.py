@@ -11,6 +11,8 @@ A checkpoint is written to `checkpoints/.tmp-step-N/` and renamed when every fil
 save leaves only a `.tmp-` folder that the next save removes. DDP checkpoints hold the full
 model and optimizer state once (every process has the same copy), so they resume on any
 number of processes; loading uses `weights_only=True` and safetensors, never arbitrary pickle.
+DeepSpeed checkpoints are ZeRO shards; on another process count they are re-cut through
+DeepSpeed's universal checkpoint (`_load_deepspeed_resized`).
 
 What is NOT saved: random generator states. Every draw is a function of (seed, step, rank)
 (`data.step_seed`), so a resumed run replays the uninterrupted run's draws by construction.
@@ -18,6 +20,7 @@ What is NOT saved: random generator states. Every draw is a function of (seed, s
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -106,16 +109,48 @@ def load_checkpoint(accelerator, objective, optimizer, scheduler, ckpt: Path, de
     if state.get("engine") != ("deepspeed" if deepspeed else "ddp"):
         raise TrainError(f"{ckpt} was written by the {state.get('engine')} engine; resume it with the same engine")
     if deepspeed:
-        if state["world_size"] != accelerator.num_processes:
-            raise TrainError(f"{ckpt} holds DeepSpeed ZeRO shards of {state['world_size']} processes; resume it on "
-                             f"{state['world_size']} processes (this launch has {accelerator.num_processes})")
-        accelerator.load_state(str(ckpt))
+        if state["world_size"] == accelerator.num_processes:
+            accelerator.load_state(str(ckpt))
+        else:
+            _load_deepspeed_resized(accelerator, objective, ckpt)
     else:
         accelerator.unwrap_model(objective).model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu",
                                              weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     return state
+
+
+def deepspeed_resized(ckpt: Optional[Path], world: int) -> bool:
+    """Whether resuming `ckpt` means loading DeepSpeed ZeRO shards written by another process count
+    (the engine must then be built with DeepSpeed's `checkpoint.load_universal`)."""
+    if ckpt is None:
+        return False
+    state = read_state(ckpt)
+    return state.get("engine") == "deepspeed" and state.get("world_size") != world
+
+
+def _load_deepspeed_resized(accelerator, engine, ckpt: Path) -> None:
+    """ZeRO-1/2 shards of another process count. DeepSpeed's universal checkpoint re-cuts them:
+    the main process converts the checkpoint into one file per parameter (fp32 weights, Adam
+    moments, step), every process loads its new partition from those, and the conversion is
+    removed. The engine was built with `checkpoint.load_universal` (loop.py)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    tag = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else "pytorch_model"
+    out = ckpt.parent / f".universal-{ckpt.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(out, ignore_errors=True)
+        # one worker: serial, no child processes; older checkpoints lack the version record
+        ds_to_universal.main(argparse.Namespace(
+            input_folder=str(ckpt / tag), output_folder=str(out / tag), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+        (out / "latest_universal").write_text(tag)
+    accelerator.wait_for_everyone()
+    engine.load_checkpoint(str(out), tag=tag, load_lr_scheduler_states=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- exported model

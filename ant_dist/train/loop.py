@@ -30,6 +30,7 @@ from ..model.irl import IRLConfig
 from ..model.sasrec import SASRecConfig
 from . import TrainError
 from .checkpoint import (
+    deepspeed_resized,
     export_model,
     find_resume_checkpoint,
     load_checkpoint,
@@ -203,8 +204,11 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
         if cfg.max_steps:
             total_steps = min(total_steps, cfg.max_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, total_steps, steps_per_epoch))
+        ckpt = find_resume_checkpoint(run_dir, cfg.resume)
         if deepspeed:
             ds = accelerator.state.deepspeed_plugin.deepspeed_config
+            if deepspeed_resized(ckpt, world):  # ZeRO shards of another process count: re-cut on load
+                ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
             ds["train_micro_batch_size_per_gpu"] = max(1, cfg.batch_size // world)
             ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * world
             ds["gradient_accumulation_steps"] = 1
@@ -220,7 +224,6 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
         selection = None
         if isinstance(cfg, RelearnConfig):
             selection = Selection(cfg.select_metric, cfg.patience_steps, cfg.min_epochs)
-        ckpt = find_resume_checkpoint(run_dir, cfg.resume)
         if ckpt is not None:
             saved = load_checkpoint(accelerator, objective, optimizer, scheduler, ckpt, deepspeed)
             for key in ("seed", "batch_size", "loss"):
