@@ -95,6 +95,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # more runs than the default 10 colours
     for name, r in {**old, **results}.items():
         ax.plot([0] + [c["seconds"] for c in r["curve"]], [0] + [c["ndcg@10"] for c in r["curve"]], marker="o",
                 ms=3, label=name)
