@@ -135,18 +135,27 @@ def _load_deepspeed_resized(accelerator, engine, ckpt: Path) -> None:
     the main process converts the checkpoint into one file per parameter (fp32 weights, Adam
     moments, step), every process loads its new partition from those, and the conversion is
     removed. The engine was built with `checkpoint.load_universal` (loop.py)."""
+    from accelerate.utils import broadcast_object_list
     from deepspeed.checkpoint import ds_to_universal
 
     tag = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else "pytorch_model"
     out = ckpt.parent / f".universal-{ckpt.name}"
+    failure = [None]
     if accelerator.is_main_process:
         shutil.rmtree(out, ignore_errors=True)
-        # one worker: serial, no child processes; older checkpoints lack the version record
-        ds_to_universal.main(argparse.Namespace(
-            input_folder=str(ckpt / tag), output_folder=str(out / tag), num_extract_workers=1,
-            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
-        (out / "latest_universal").write_text(tag)
-    accelerator.wait_for_everyone()
+        try:  # one worker: serial, no child processes; older checkpoints lack the version record
+            ds_to_universal.main(argparse.Namespace(
+                input_folder=str(ckpt / tag), output_folder=str(out / tag), num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+            (out / "latest_universal").write_text(tag)
+        except Exception as exc:  # every process must hear of it, or the others wait forever
+            shutil.rmtree(out, ignore_errors=True)
+            failure = [f"{ckpt}: re-cutting its DeepSpeed shards for {accelerator.num_processes} process(es) "
+                       f"failed ({type(exc).__name__}: {exc}); resume it on {read_state(ckpt)['world_size']}"]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(failure)
+    if failure[0]:
+        raise TrainError(failure[0])
     engine.load_checkpoint(str(out), tag=tag, load_lr_scheduler_states=False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
