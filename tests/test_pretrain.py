@@ -158,6 +158,38 @@ def test_deepspeed_zero2_launch(world):
     assert (run / "model" / "model.safetensors").is_file()
 
 
+def test_deepspeed_bf16_is_autocast_over_fp32_weights():
+    from ant_dist.train.loop import deepspeed_precision
+
+    ds = {"bf16": {"enabled": False}, "fp16": {"enabled": False}}  # the JSON's "auto" as accelerate fills it
+    deepspeed_precision(ds, bf16=True)
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    fp32 = {"bf16": {"enabled": False}}
+    deepspeed_precision(fp32, bf16=False)
+    assert "torch_autocast" not in fp32
+    own = {"bf16": {"enabled": True}}  # the user's JSON asks for DeepSpeed's pure bf16: left alone
+    deepspeed_precision(own, bf16=True)
+    assert "torch_autocast" not in own
+
+
+@pytest.mark.slow
+def test_deepspeed_launch_with_precision_bf16_computes_in_bf16(world):
+    # the first step's loss (before any update; no randomness, one negative set) under ZeRO-2 with
+    # precision=bf16 must differ from the fp32 loss by bf16 rounding: not 0 (bf16 ignored, the
+    # JSON's "auto" left false) and not more (a broken forward); weights stay fp32
+    exact = ["gate_noise=false", "dropout=0", "irl_dropout=0", "shared_negatives=true", "max_steps=1",
+             "log_every=1", "eval_every=-1", "checkpoint_every=0"]
+    ref = _run(_cmd(world, "fp32-step", *exact, "precision=fp32"))
+    res = _run(_cmd(world, "ds-bf16", *exact, "precision=bf16", processes=2, engine="deepspeed"),
+               engine="deepspeed", timeout=900)
+    for r in (ref, res):
+        assert r.returncode == 0, r.stderr[-3000:]
+    a = _records(world / "runs" / "fp32-step", "train")[0]["train/rec_loss"]
+    b = _records(world / "runs" / "ds-bf16", "train")[0]["train/rec_loss"]
+    assert 1e-5 < abs(a - b) / a < 2e-2, (a, b)
+    assert {v.dtype for v in _params(world / "runs" / "ds-bf16").values()} == {torch.float32}
+
+
 @pytest.mark.slow
 def test_memory_mapped_features_train_like_features_in_memory(world):
     # the loader workers gather each batch's rows from the memory maps: same numbers as the

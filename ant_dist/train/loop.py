@@ -106,6 +106,19 @@ def build_model(cfg: PretrainConfig, text_dim: int, image_dim: int) -> ANT:
                             dropout=cfg.dropout)))
 
 
+def use_bf16(cfg: PretrainConfig) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+
+
+def deepspeed_precision(ds: dict, bf16: bool) -> None:
+    """bf16 under DeepSpeed the way DDP has it: fp32 weights, bf16 autocast in the forward.
+    DeepSpeed's own `bf16.enabled` would cast the whole model to bf16 (the item model keeps its
+    inputs in fp32); a JSON that sets `torch_autocast` or enables bf16/fp16 itself is left alone."""
+    explicit = [k for k in ("bf16", "fp16") if str(ds.get(k, {}).get("enabled", "false")).lower() == "true"]
+    if bf16 and "torch_autocast" not in ds and not explicit:
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+
+
 def _make_accelerator(cfg: PretrainConfig, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -114,9 +127,8 @@ def _make_accelerator(cfg: PretrainConfig, run_dir: Path):
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))  # DeepSpeed on CPU needs it said
     kwargs = {}
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":  # DeepSpeed: its JSON decides
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
-        kwargs["mixed_precision"] = "bf16" if bf16 else "no"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":  # DeepSpeed: deepspeed_precision
+        kwargs["mixed_precision"] = "bf16" if use_bf16(cfg) else "no"
     return Accelerator(log_with=accelerate_log_with(cfg.tracker), project_dir=str(run_dir),
                        kwargs_handlers=handlers, **kwargs)
 
@@ -213,6 +225,7 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
             ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * world
             ds["gradient_accumulation_steps"] = 1
             ds["gradient_clipping"] = cfg.grad_clip
+            deepspeed_precision(ds, use_bf16(cfg))
         # the scheduler stays unwrapped: it is stepped once per optimizer step, whatever the engine
         if trainable:
             objective, optimizer = accelerator.prepare(objective, optimizer)
