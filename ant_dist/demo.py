@@ -48,7 +48,7 @@ class DemoConfig:
 
 
 # Settings tuned for the synthetic world on 2 CPU cores (docs/benchmarks.md, "Convergence"):
-# the sampled full-catalog loss (5x the positions/s of the exact one here), a batch and a
+# the sampled full-catalog loss (3.7x the positions/s of the exact one here), a batch and a
 # learning rate that fit each other, a short warmup and less dropout than the paper's 0.5.
 DEMO_PRETRAIN = ["hidden=64", "batch_size=256", "lr=5e-3", "warmup_steps=20", "schedule=constant", "dropout=0.2",
                  "loss=sampled", "n_negatives=1024", "eval_users=1000", "eval_every=250", "checkpoint_every=250",

@@ -328,7 +328,8 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
                                     ("gradient norm", grad_norm if not deepspeed or cfg.grad_clip > 0 else 0.0)):
                     if not math.isfinite(value):
                         raise NonFiniteError(
-                            f"step {state['step'] + 1}: the {term} is {value}; stopping before the update. "
+                            f"step {state['step'] + 1}: the {term} is {value}; stopping "
+                            f"{'(DeepSpeed applied the update inside backward; nothing is saved)' if deepspeed else 'before the update'}. "
                             f"The last good checkpoint is kept ({_newest(run_dir)}); lower lr, check the features "
                             f"(python -m ant_dist.embed verify), or resume from it")
                 epoch_of_batch = state["epoch"]
