@@ -42,7 +42,7 @@ from .evaluate import evaluate
 from .features import load_catalog_features
 from .objective import TrainObjective
 from .selection import Selection, check_metric
-from .tracking import MetricsLog, accelerate_log_with, memory_figures, param_digest, start_trackers
+from .tracking import MetricsLog, accelerate_log_with, memory_record, param_digest, start_trackers
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3, 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -353,7 +353,7 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
                               "train/lr": scheduler.get_last_lr()[0], "train/epoch": state["epoch"],
                               "perf/step_s": dt, "perf/sequences_per_s": (bounds[j][1] - bounds[j][0]) / dt,
                               "perf/positions_per_s": batch["n_global"] / dt,
-                              **{f"mem/{k}": v for k, v in memory_figures().items()}}
+                              **memory_record(world, gather_object)}
                     accelerator.log(record, step=state["step"])
                     metrics_log.write({"event": "train", "step": state["step"], **record})
                     bar.set_postfix(loss=f"{rec:.3f}", lr=f"{record['train/lr']:.1e}")

@@ -105,3 +105,15 @@ def param_digest(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def memory_record(world: int, gather) -> dict:
+    """Collective: this process's memory figures as `mem/<name>` (the main process's are the ones
+    logged) and the largest over all processes as `mem/max_over_ranks/<name>`: ranks differ
+    (loader workers, the main process's logging and exports)."""
+    own = memory_figures()
+    every = gather([own]) if world > 1 else [own]
+    record = {f"mem/{k}": v for k, v in own.items()}
+    for k in own:
+        record[f"mem/max_over_ranks/{k}"] = max(m.get(k, 0.0) for m in every)
+    return record
