@@ -14,4 +14,13 @@ $PY bench/encoder_throughput.py --device cuda
 # sampled K=4k and exact; goal: one epoch over 21.4M interactions in < 5 min with sampled K=4k
 $PY bench/pretrain_bench.py --device cuda --processes 1 --items 657000 --batch 2048 \
     --losses sampled:4096,exact --steps 20 --exact-steps 3
+# the epoch goal from those figures: 21.4M training positions (about one per interaction)
+$PY - <<'PYEOF'
+import json
+for r in json.load(open("bench/results/pretrain_cuda.json")):
+    if r["items"] == 657000:
+        minutes = 21.4e6 / r["positions_per_s"] / 60
+        print(f"{r['loss']:>13s}: {r['positions_per_s']:,.0f} positions/s -> one epoch over 21.4M interactions "
+              f"in {minutes:.1f} min (goal for sampled:4096: < 5 min)")
+PYEOF
 if [ -n "${OUT:-}" ]; then cp bench/results/*cuda*.json "$OUT"/; fi
