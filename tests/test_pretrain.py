@@ -355,14 +355,22 @@ def test_non_finite_loss_stops_with_the_step_and_term_and_keeps_the_checkpoint(w
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_a_second_run_on_the_same_folder_is_refused(world):
-    from ant_dist.locking import exclusive_dir_lock
-
-    with exclusive_dir_lock(world / "runs" / "busy", "test"):
-        res = _run(_cmd(world, "busy", "max_steps=2"))
-    assert res.returncode == 2
-    assert f"pid {os.getpid()}" in res.stderr and "Traceback" not in res.stderr
-    assert not (world / "runs" / "busy" / "checkpoints").exists()
+    run = world / "runs" / "busy"
+    first = subprocess.Popen(_cmd(world, "busy", "max_epochs=1000", "checkpoint_every=0", "eval_every=-1"),
+                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (run / "metrics.jsonl").is_file() and _records(run, "train"), first, "the first run's steps")
+        second = _run(_cmd(world, "busy", "max_steps=2"))
+        assert first.poll() is None  # the first run goes on
+        steps_before = _records(run, "train")[-1]["step"]
+        _wait_for(lambda: _records(run, "train")[-1]["step"] > steps_before, first, "more steps of the first run")
+    finally:
+        _kill_tree(first)
+    assert second.returncode == 2
+    assert f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert len(_records(run, "start")) == 1  # the refused run wrote nothing into the folder
 
 
 def test_wandb_goes_offline_without_a_key(monkeypatch, tmp_path):
