@@ -16,12 +16,16 @@ starts over).
 
 One pass per output folder: the main process holds `<out>/.lock` for the whole run; a second
 pass on the same `out` is refused (LockedError, exit 2) before it touches anything.
+
+Stop signals (SIGTERM, SIGUSR1: Slurm's time-limit warning): each process finishes the batch in
+hand, marks its rows done and exits 75; a rerun continues with the rows left.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -58,6 +62,12 @@ from .locking import DirectoryLock, LockedError, acquire_dir_lock, loader_worker
 from .teardown import close_process_group
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+EXIT_OK, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 2, 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Stopped(Exception):
+    """A stop signal arrived; this process's finished rows are marked done."""
 
 
 def _image_fields(sample: dict) -> list[str]:
@@ -252,6 +262,11 @@ def _run_locked(cfg: EmbedConfig, accelerator) -> dict:
     bar = tqdm(total=sum(todo_at_start), desc="embed", unit=" items", disable=not (cfg.progress and
                                                                                     accelerator.is_main_process))
     computed, failed, t_encode, t_text, pending = 0, 0, 0.0, 0.0, []
+    # a stop signal is acted on between batches; no collective is involved (each process owns
+    # its rows), so every process stops on its own signal
+    stop = {"signal": 0}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda s, _f: stop.__setitem__("signal", int(s)))
     t0 = last_bar = time.time()
     for i, batch in enumerate(loader):
         t1 = time.time()
@@ -286,7 +301,13 @@ def _run_locked(cfg: EmbedConfig, accelerator) -> dict:
             bar.n = sum(todo_at_start) - sum(t.rows_left() for t in tables)
             bar.refresh()
             last_bar = time.time()
+        if stop["signal"]:
+            break
     _flush(tables, pending)
+    if stop["signal"]:
+        bar.close()
+        raise Stopped(f"stopped by signal {stop['signal']} after {computed} item(s) of this process; its "
+                      f"finished rows are marked done: rerun the same command to continue")
     seconds = time.time() - t0
     stats = gather_object([{"rank": rank, "rows": computed, "seconds": round(seconds, 3),
                             "items_per_s": round(computed / max(seconds, 1e-9), 1),
@@ -364,10 +385,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         run(cfg)
     except (FeatureTableError, LockedError) as exc:
         print(f"embed: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except Stopped as exc:
+        print(f"embed: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
     finally:
         close_process_group()
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

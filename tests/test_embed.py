@@ -179,6 +179,42 @@ def test_kill_one_process_then_resume_recomputes_only_missing_rows(single_run, s
     _assert_same_tables(single_run, tmp_path)
 
 
+@pytest.mark.parametrize("stop_signal", [signal.SIGUSR1, signal.SIGTERM])
+def test_stop_signal_marks_finished_rows_exits_75_and_a_rerun_completes(single_run, shards, encoders, tmp_path,
+                                                                         stop_signal):
+    proc = subprocess.Popen(_embed_cmd(shards, tmp_path, encoders, "batch_size=2", "flush_every=1"),
+                            env={**ENV, "ACCELERATE_USE_CPU": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    done_file = tmp_path / "Food" / "done.npy"
+    deadline = time.time() + 300
+    try:
+        while True:
+            assert proc.poll() is None, "the pass ended before it could be signalled"
+            assert time.time() < deadline, "no row was done in 300 s"
+            try:
+                if done_file.exists() and np.load(done_file, mmap_mode="r").any():
+                    break
+            except ValueError:  # the table is being created
+                pass
+            time.sleep(0.01)
+        proc.send_signal(stop_signal)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 75, err[-2000:]
+    assert "stopped by signal" in err and "Traceback" not in err, err[-2000:]
+    rows = {d: json.loads((tmp_path / d / "manifest.json").read_text())["rows"] for d in ("Food", "Office")}
+    done_before = sum(int(np.load(tmp_path / d / "done.npy").sum()) for d in rows)
+    assert 0 < done_before < sum(rows.values())  # stopped early, with its finished rows kept
+    res = _run(_embed_cmd(shards, tmp_path, encoders))
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = {d: json.loads((tmp_path / d / "manifest.json").read_text())["runs"][-1] for d in rows}
+    assert sum(r["rows_computed"] for r in runs.values()) == sum(rows.values()) - done_before
+    _assert_same_tables(single_run, tmp_path)
+
+
 def test_mismatched_rerun_is_refused_and_overwrite_starts_over(single_run, encoders, shards, tmp_path):
     out = tmp_path / "f"
     shutil.copytree(single_run, out)
