@@ -331,3 +331,56 @@ def test_cross_rank_negatives_with_full_gradient_sum_to_the_joint_gradient(tmp_p
     ref = torch.autograd.grad(total, emb)[0]
     got = sum(np.array(json.load(open(tmp_path / f"r{r}"))["grad"]) for r in range(2))
     assert np.allclose(got, ref.numpy(), atol=1e-5)
+
+
+_SHARDED_EXACT_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, torch.distributed as dist
+    from ant_dist.losses import full_softmax
+    rank = int(sys.argv[1]); out = sys.argv[2]
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[3], rank=rank, world_size=2)
+    torch.manual_seed(0)
+    emb, w = torch.nn.Parameter(torch.randn(37, 8)), torch.nn.Parameter(torch.randn(8, 8))
+    h_all, t_all = torch.randn(13, 8), torch.randint(0, 37, (13,))
+    mine = slice(0, 5) if rank == 0 else slice(5, 13)  # the ranks hold different numbers of positions
+    h = h_all[mine].clone().requires_grad_()
+    loss = full_softmax(h, t_all[mine], lambda r: emb[r] @ w, 37, [emb, w], tau=0.5, chunk=4,
+                        reduction="none", shard_across_ranks=True)
+    loss.sum().backward()
+    json.dump({"loss": loss.tolist(), "h": h.grad.tolist(), "emb": emb.grad.tolist(), "w": w.grad.tolist()},
+              open(out + str(rank), "w"))
+    dist.destroy_process_group()
+""")
+
+
+def test_exact_loss_sharded_over_ranks_equals_the_dense_loss_of_every_position(tmp_path):
+    # each rank runs the item model over half of the catalog only; the losses of its positions,
+    # their gradients, and the sum of the ranks' parameter gradients (what data parallelism
+    # applies, up to its 1/world) must equal dense cross entropy over the whole catalog
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, "-c", _SHARDED_EXACT_SCRIPT, str(r), str(tmp_path / "r"), port])
+             for r in range(2)]
+    try:
+        assert all(p.wait(timeout=120) == 0 for p in procs)
+    finally:
+        for p in procs:
+            p.kill()
+    got = [json.load(open(tmp_path / f"r{r}")) for r in range(2)]
+    torch.manual_seed(0)
+    emb, w = torch.nn.Parameter(torch.randn(37, 8)), torch.nn.Parameter(torch.randn(8, 8))
+    h_all, t_all = torch.randn(13, 8), torch.randint(0, 37, (13,))
+    h_all.requires_grad_()
+    logits = F.normalize(h_all, dim=-1) @ F.normalize(emb @ w, dim=-1).T / 0.5
+    loss = F.cross_entropy(logits, t_all, reduction="none")
+    loss.sum().backward()
+    assert np.allclose(got[0]["loss"] + got[1]["loss"], loss.detach().numpy(), atol=1e-5)
+    assert np.allclose(got[0]["h"] + got[1]["h"], h_all.grad.numpy(), atol=1e-5)
+    for name, param in (("emb", emb), ("w", w)):
+        assert np.allclose(np.array(got[0][name]) + np.array(got[1][name]), param.grad.numpy(), atol=1e-5)
+    # and the work really was split: a rank's item gradient lives on its half of the catalog only
+    # (rows 0-18 on rank 0, 19-36 on rank 1: the item model never ran on the others there)
+    assert not np.any(np.array(got[0]["emb"])[19:]) and np.any(np.array(got[0]["emb"])[:19])
+    assert not np.any(np.array(got[1]["emb"])[:19]) and np.any(np.array(got[1]["emb"])[19:])
+

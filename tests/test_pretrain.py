@@ -127,13 +127,16 @@ def test_two_process_launch_trains_logs_and_exports(world):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["exact", "sampled"])
+@pytest.mark.parametrize("loss", ["exact", "exact-sharded", "sampled"])
 def test_two_processes_step_like_one_process_on_the_joint_batch(world, loss):
     # no randomness inside the step (dropout, gate noise off; one negative set for both
     # processes), no per-process term (R_c off): then DDP with B per process must equal one
-    # process with 2B, and differ clearly from one process with B
+    # process with 2B, and differ clearly from one process with B. "exact" takes the dense
+    # logits (the catalog fits one chunk); "exact-sharded" the chunked path, where 2 processes
+    # split the catalog between them and 1 process streams all of it
+    kind = {"exact-sharded": ["loss=exact", "exact_chunk=128"]}.get(loss, [f"loss={loss}"])
     exact = ["gate_noise=false", "dropout=0", "irl_dropout=0", "align_weight=0", "shared_negatives=true",
-             "max_steps=2", "warmup_steps=1", f"loss={loss}", "eval_users=10"]
+             "max_steps=2", "warmup_steps=1", *kind, "eval_users=10"]
     one = _run(_cmd(world, f"eq1-{loss}", *exact, "batch_size=64"))
     two = _run(_cmd(world, f"eq2-{loss}", *exact, "batch_size=64", processes=2))
     half = _run(_cmd(world, f"eqh-{loss}", *exact, "batch_size=32"))

@@ -64,7 +64,7 @@ class TrainObjective(nn.Module):
             params = groups["irl"] + groups["id"]
             per_position = full_softmax(h, target_rows, lambda r: self.model.encode_items(r, self.features).embedding,
                                         len(self.features), params, tau=self.tau, chunk=self.exact_chunk,
-                                        reduction="none")
+                                        reduction="none", shard_across_ranks=True)
         else:
             emb = items.embedding
 
