@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -59,11 +58,11 @@ from .encoders import (
     encoder_summary,
 )
 from .locking import DirectoryLock, LockedError, acquire_dir_lock, loader_worker_init
+from .signals import flag_stop_signals
 from .teardown import close_process_group
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 EXIT_OK, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 2, 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Stopped(Exception):
@@ -257,17 +256,43 @@ def _run_locked(cfg: EmbedConfig, accelerator) -> dict:
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers, collate_fn=dataset.collate,
                         prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda",
                         worker_init_fn=loader_worker_init())
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
     bar = tqdm(total=sum(todo_at_start), desc="embed", unit=" items", disable=not (cfg.progress and
                                                                                     accelerator.is_main_process))
-    computed, failed, t_encode, t_text, pending = 0, 0, 0.0, 0.0, []
+    t0 = time.time()
     # a stop signal is acted on between batches; no collective is involved (each process owns
     # its rows), so every process stops on its own signal
-    stop = {"signal": 0}
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda s, _f: stop.__setitem__("signal", int(s)))
-    t0 = last_bar = time.time()
+    with flag_stop_signals() as stop:
+        computed, failed, t_encode, t_text = _encode_all(loader, text, image, device, tables, bar, todo_at_start,
+                                                         cfg.flush_every, stop)
+    if stop["signal"]:
+        bar.close()
+        raise Stopped(f"stopped by signal {stop['signal']} after {computed} item(s) of this process; its "
+                      f"finished rows are marked done: rerun the same command to continue")
+    seconds = time.time() - t0
+    stats = gather_object([{"rank": rank, "rows": computed, "seconds": round(seconds, 3),
+                            "items_per_s": round(computed / max(seconds, 1e-9), 1),
+                            "encoder_share": round(t_encode / max(seconds, 1e-9), 3),
+                            "text_encoder_share": round(t_text / max(seconds, 1e-9), 3), "failed_images": failed}])
+    accelerator.wait_for_everyone()
+    bar.n = sum(todo_at_start) - sum(t.rows_left() for t in tables)
+    bar.close()
+    summary = {"processes": world, "per_process": stats, "rows_computed": sum(s["rows"] for s in stats),
+               "seconds": round(seconds, 3)}
+    if accelerator.is_main_process:
+        summary["domains"] = _finish(cfg, domains, tables, todo_at_start, summary)
+        _print_summary(summary)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _encode_all(loader, text: TextEncoder, image: ImageEncoder, device, tables: list[FeatureTables], bar,
+                todo_at_start: list[int], flush_every: int, stop: dict) -> tuple[int, int, float, float]:
+    """Encode every batch of this process into the tables (rows marked done every `flush_every`
+    batches and at the end); returns (rows, failed images, encoder seconds, text seconds)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    computed, failed, t_encode, t_text, pending = 0, 0, 0.0, 0.0, []
+    last_bar = time.time()
     for i, batch in enumerate(loader):
         t1 = time.time()
         with autocast:
@@ -293,7 +318,7 @@ def _run_locked(cfg: EmbedConfig, accelerator) -> dict:
             pending.append((d, rows[sel]))
         computed += len(rows)
         failed += batch["failed_images"]
-        if (i + 1) % cfg.flush_every == 0:
+        if (i + 1) % flush_every == 0:
             _flush(tables, pending)
             pending = []
         if bar.disable is False and time.time() - last_bar > 0.5:
@@ -304,25 +329,7 @@ def _run_locked(cfg: EmbedConfig, accelerator) -> dict:
         if stop["signal"]:
             break
     _flush(tables, pending)
-    if stop["signal"]:
-        bar.close()
-        raise Stopped(f"stopped by signal {stop['signal']} after {computed} item(s) of this process; its "
-                      f"finished rows are marked done: rerun the same command to continue")
-    seconds = time.time() - t0
-    stats = gather_object([{"rank": rank, "rows": computed, "seconds": round(seconds, 3),
-                            "items_per_s": round(computed / max(seconds, 1e-9), 1),
-                            "encoder_share": round(t_encode / max(seconds, 1e-9), 3),
-                            "text_encoder_share": round(t_text / max(seconds, 1e-9), 3), "failed_images": failed}])
-    accelerator.wait_for_everyone()
-    bar.n = sum(todo_at_start) - sum(t.rows_left() for t in tables)
-    bar.close()
-    summary = {"processes": world, "per_process": stats, "rows_computed": sum(s["rows"] for s in stats),
-               "seconds": round(seconds, 3)}
-    if accelerator.is_main_process:
-        summary["domains"] = _finish(cfg, domains, tables, todo_at_start, summary)
-        _print_summary(summary)
-    accelerator.wait_for_everyone()
-    return summary
+    return computed, failed, t_encode, t_text
 
 
 def _flush(tables: list[FeatureTables], pending: list) -> None:

@@ -344,13 +344,30 @@ def test_killed_packer_leaves_no_worker_alive(tmp_path, food_raw):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers = []
     try:
-        def pool_writing():
-            assert proc.poll() is None, "the packer finished before it could be killed"
-            return psutil.Process(proc.pid).children() and list((out / "Food").glob("items-*.tar"))
+        seen_writing = set()
 
-        _wait_for(pool_writing, "the pool to write shards")
+        def every_worker_writing():
+            # a spawned worker runs its initializer (the death signal) after its imports, then
+            # takes shards: one seen holding a shard open is past it. Suspending one still
+            # importing would freeze it before it could ever learn its parent died.
+            assert proc.poll() is None, "the packer finished before it could be killed"
+            pool = [w for w in psutil.Process(proc.pid).children()
+                    if "resource_tracker" not in " ".join(w.cmdline())]
+            for w in pool:
+                try:
+                    if any("items-" in f.path for f in w.open_files()):
+                        seen_writing.add(w.pid)
+                except psutil.Error:
+                    pass
+            return len(pool) == 2 and seen_writing >= {w.pid for w in pool}
+
+        _wait_for(every_worker_writing, "both pool workers to write shards")
         proc.send_signal(signal.SIGSTOP)  # frozen: the pool cannot wind down between the look and the kill
-        workers = [w for w in psutil.Process(proc.pid).children(recursive=True) if _alive(w)]
+        children = [w for w in psutil.Process(proc.pid).children(recursive=True) if _alive(w)]
+        # the spawn context's resource tracker writes nothing and exits when the packer's end
+        # of its pipe closes: it is left running, and must be gone too
+        trackers = [w for w in children if "resource_tracker" in " ".join(w.cmdline())]
+        workers = [w for w in children if w not in trackers]
         assert workers, "no pool worker to orphan"
         # Stopped workers stand for workers busy with a long shard: left alone they would never
         # exit (an orphaned worker otherwise finishes its shard and the queued ones, then
@@ -359,6 +376,7 @@ def test_killed_packer_leaves_no_worker_alive(tmp_path, food_raw):
             w.suspend()
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        workers += trackers
         _wait_for(lambda: not any(_alive(w) for w in workers), "every former pool worker to die", timeout=30)
     finally:
         _kill_all(proc, workers)

@@ -163,9 +163,11 @@ def _pack_locked(cfg: PackConfig, out: Path, t0: float) -> dict:
     shard_of = np.zeros(len(kept_ids), dtype=np.int32)
     bytes_total = 0
     bar = tqdm(total=len(kept_ids), desc=f"shards {cfg.domain}", unit=" items", disable=not cfg.progress)
-    ctx = mp.get_context("spawn" if os.name == "nt" else "fork")
-    # Workers die with the packer: an orphan would go on writing shards (and, sharing the
-    # forked lock descriptor, keep the folder locked) while a rerun writes the same paths.
+    # Spawned, not forked: a fork copies whatever locks the caller's other threads hold at that
+    # instant (a notebook's, a test runner's, tqdm's monitor), and a worker forked then can wait on
+    # one forever (seen: a pack called inside pytest hung in futex_wait). Workers die with the
+    # packer: an orphan would go on writing shards while a rerun writes the same paths.
+    ctx = mp.get_context("spawn")
     with ctx.Pool(min(cfg.workers, max(len(jobs), 1)), initializer=die_with_parent,
                   initargs=(os.getpid(),)) as pool:
         for res in pool.imap(_write_shard_job, jobs):

@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from ..config import SynthConfig, save_config
+from ..locking import die_with_parent
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 TEXTURES = ("plain", "stripes", "dots", "grid")
@@ -262,7 +263,10 @@ def synthesize(cfg: SynthConfig) -> dict:
     # target_looks[s]: the style whose image and price level style s shows in target domains
     manifest = {"format": "amazon2018", "seed": cfg.seed, "target_render_shift": cfg.target_render_shift,
                 "target_looks": [int(s) for s in looks], "aux": [], "target": []}
-    with mp.get_context("fork").Pool(max(cfg.workers, 1)) as pool:
+    # spawned (a fork of a threaded caller can hang in the child, see data/pack.py), and dying
+    # with this process
+    with mp.get_context("spawn").Pool(max(cfg.workers, 1), initializer=die_with_parent,
+                                      initargs=(os.getpid(),)) as pool:
         for d_index, (domain, role) in enumerate(names):
             n_items = cfg.items_per_domain if role == "aux" else cfg.target_items_per_domain
             n_users = cfg.users_per_domain if role == "aux" else cfg.target_users_per_domain

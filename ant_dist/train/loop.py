@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import time
 from contextlib import ExitStack
 from dataclasses import asdict
@@ -28,6 +27,7 @@ from ..losses import NegativeSampler
 from ..model.ant import ANT, ANTConfig
 from ..model.irl import IRLConfig
 from ..model.sasrec import SASRecConfig
+from ..signals import STOP_SIGNALS, flag_stop_signals
 from . import TrainError
 from .checkpoint import (
     deepspeed_resized,
@@ -45,7 +45,6 @@ from .selection import Selection, check_metric
 from .tracking import MetricsLog, accelerate_log_with, memory_record, param_digest, start_trackers
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3, 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class NonFiniteError(TrainError):
@@ -286,9 +285,7 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
             return flat
 
         # ---- stop signals: flag now, act at the next step boundary (all processes agree)
-        stop = {"signal": 0}
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, lambda s, _f: stop.__setitem__("signal", int(s)))
+        stop = stack.enter_context(flag_stop_signals(STOP_SIGNALS))
 
         trace = None
         if cfg.trace_batches:
