@@ -1,7 +1,16 @@
 import os
 import signal
+import time
 
 from ant_dist.signals import flag_stop_signals
+
+
+def _wait_until(condition) -> bool:
+    # a handler runs in the main thread at the interpreter's next check: wait on the condition
+    deadline = time.monotonic() + 10
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return condition()
 
 
 def test_stop_signals_set_the_flag_and_the_callers_handlers_come_back():
@@ -10,9 +19,10 @@ def test_stop_signals_set_the_flag_and_the_callers_handlers_come_back():
     try:
         with flag_stop_signals() as stop:
             assert stop["signal"] == 0
-            os.kill(os.getpid(), signal.SIGUSR1)  # delivered to this (main) thread before kill returns
-            assert stop["signal"] == signal.SIGUSR1 and seen == []
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert _wait_until(lambda: stop["signal"] == signal.SIGUSR1)
+            assert seen == []
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert seen == [signal.SIGUSR1]  # the caller's handler is back
+        assert _wait_until(lambda: seen == [signal.SIGUSR1])  # the caller's handler is back
     finally:
         signal.signal(signal.SIGUSR1, before)
