@@ -12,11 +12,11 @@ lock behind. `die_with_parent` stops the second: used as a pool initializer, it 
 kernel SIGKILL each worker when the process that started it dies.
 
 How the two fit together: flock belongs to the open file description, which `fork()` shares
-with the children, so forked pool workers hold the lock too. If the parent is SIGKILLed while
-its workers still live, the folder stays locked until the last of them is gone. That is what
-we want (they may still be writing there), and with `die_with_parent` it is a matter of
-milliseconds. `O_CLOEXEC` keeps the descriptor out of programs started with exec, which have
-no business holding the lock and could outlive us.
+with the children, so forked workers (DataLoader workers) hold the lock too: if the parent is
+SIGKILLed while they live, the folder stays locked until the last of them is gone, a matter of
+milliseconds with `die_with_parent`. `O_CLOEXEC` keeps the descriptor out of programs started
+with exec, spawned pool workers included (the packer's): they never hold the lock, and the
+kernel kills them as their parent exits.
 """
 
 from __future__ import annotations
