@@ -224,14 +224,23 @@ _DIST_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_cross_rank_negatives_gathered_with_local_gradient(tmp_path):
+def _run_two_gloo_ranks(script: str, tmp_path) -> None:
+    """Runs `script` as ranks 0 and 1 of a gloo group (argv: rank, output prefix tmp_path/r, port);
+    each rank writes tmp_path/r<rank>. Both must exit 0; neither outlives the test."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    procs = [subprocess.Popen([sys.executable, "-c", _DIST_SCRIPT, str(r), str(tmp_path / "r"), port])
-             for r in range(2)]
-    assert all(p.wait(timeout=120) == 0 for p in procs)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), str(tmp_path / "r"), port]) for r in range(2)]
+    try:
+        assert all(p.wait(timeout=120) == 0 for p in procs)
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_cross_rank_negatives_gathered_with_local_gradient(tmp_path):
+    _run_two_gloo_ranks(_DIST_SCRIPT, tmp_path)
     # reference in one process: both ranks' negatives, the other rank's detached
     torch.manual_seed(0)
     emb = torch.nn.Parameter(torch.randn(50, 8))
@@ -306,17 +315,7 @@ _FULL_GRAD_SCRIPT = textwrap.dedent("""
 def test_cross_rank_negatives_with_full_gradient_sum_to_the_joint_gradient(tmp_path):
     # data parallelism sums (averages) the ranks' gradients: with the full-gradient gather that
     # sum must be the gradient of both ranks' losses computed in one process with every negative live
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    procs = [subprocess.Popen([sys.executable, "-c", _FULL_GRAD_SCRIPT, str(r), str(tmp_path / "r"), port])
-             for r in range(2)]
-    try:
-        assert all(p.wait(timeout=120) == 0 for p in procs)
-    finally:
-        for p in procs:
-            p.kill()
+    _run_two_gloo_ranks(_FULL_GRAD_SCRIPT, tmp_path)
     torch.manual_seed(0)
     emb = torch.nn.Parameter(torch.randn(50, 8))
     h_all = torch.randn(12, 8)
@@ -356,17 +355,7 @@ def test_exact_loss_sharded_over_ranks_equals_the_dense_loss_of_every_position(t
     # each rank runs the item model over half of the catalog only; the losses of its positions,
     # their gradients, and the sum of the ranks' parameter gradients (what data parallelism
     # applies, up to its 1/world) must equal dense cross entropy over the whole catalog
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    procs = [subprocess.Popen([sys.executable, "-c", _SHARDED_EXACT_SCRIPT, str(r), str(tmp_path / "r"), port])
-             for r in range(2)]
-    try:
-        assert all(p.wait(timeout=120) == 0 for p in procs)
-    finally:
-        for p in procs:
-            p.kill()
+    _run_two_gloo_ranks(_SHARDED_EXACT_SCRIPT, tmp_path)
     got = [json.load(open(tmp_path / f"r{r}")) for r in range(2)]
     torch.manual_seed(0)
     emb, w = torch.nn.Parameter(torch.randn(37, 8)), torch.nn.Parameter(torch.randn(8, 8))
