@@ -40,17 +40,28 @@ class _RNGSnapshot:
 
 
 class _FullSoftmax(torch.autograd.Function):
+    """Exact per-position loss, streamed over catalog rows [start, end) in chunks.
+
+    across_ranks=False: one process, [start, end) is the whole catalog.
+    across_ranks=True: h and targets hold ALL ranks' positions and [start, end) is this rank's
+    slice. The ranks combine their partial log-sum-exps (all-reduce of the max, then of the
+    rescaled sums) and target logits (each target lies in one slice). In backward a rank's
+    incoming gradient covers its own positions only; an all-reduce gives every rank all of them,
+    so each returns its slice's parameter gradients (data parallelism averages them: the sum
+    over slices / world) and a partial gradient for every position (the all-gather's backward
+    sums the partials)."""
+
     @staticmethod
-    def forward(ctx, h, targets, item_fn, n_items, chunk, tau, *params):
+    def forward(ctx, h, targets, item_fn, start, end, chunk, tau, across_ranks, *params):
         n = h.shape[0]
         running_max = torch.full((n,), -math.inf, device=h.device)
         running_sum = torch.zeros(n, device=h.device)
         target_logit = torch.zeros(n, device=h.device)
         snapshots = []
-        for start in range(0, n_items, chunk):
-            end = min(start + chunk, n_items)
+        for a in range(start, end, chunk):
+            b = min(a + chunk, end)
             snapshots.append(_RNGSnapshot(h.device))
-            rows = torch.arange(start, end, device=h.device)
+            rows = torch.arange(a, b, device=h.device)
             with torch.no_grad():
                 e = normalise(item_fn(rows))
                 logits = (h @ e.T) / tau
@@ -59,36 +70,48 @@ class _FullSoftmax(torch.autograd.Function):
                 running_sum = running_sum * torch.exp(running_max - new_max) + \
                     torch.exp(logits - new_max[:, None]).sum(dim=1)
                 running_max = new_max
-                here = (targets >= start) & (targets < end)
+                here = (targets >= a) & (targets < b)
                 idx = here.nonzero(as_tuple=True)[0]
-                target_logit[idx] = logits[idx, targets[idx] - start]
+                target_logit[idx] = logits[idx, targets[idx] - a]
+        if across_ranks:
+            global_max = running_max.clone()
+            dist.all_reduce(global_max, op=dist.ReduceOp.MAX)
+            running_sum = torch.where(torch.isfinite(running_max), running_sum * torch.exp(running_max - global_max),
+                                      torch.zeros_like(running_sum))  # an empty slice adds nothing
+            dist.all_reduce(running_sum)
+            dist.all_reduce(target_logit)
+            running_max = global_max
         lse = running_max + torch.log(running_sum)
         ctx.save_for_backward(h, targets, lse)
-        ctx.item_fn, ctx.n_items, ctx.chunk, ctx.tau, ctx.snapshots = item_fn, n_items, chunk, tau, snapshots
+        ctx.item_fn, ctx.start, ctx.end, ctx.chunk, ctx.tau = item_fn, start, end, chunk, tau
+        ctx.across_ranks, ctx.snapshots = across_ranks, snapshots
         ctx.params = params  # leaves: safe to keep on ctx
         return lse - target_logit
 
     @staticmethod
     def backward(ctx, grad_loss):
         h, targets, lse = ctx.saved_tensors
+        if ctx.across_ranks:
+            grad_loss = grad_loss.contiguous().clone()
+            dist.all_reduce(grad_loss)  # each position's gradient comes from the rank that owns it
         params = ctx.params
         grad_h = torch.zeros_like(h)
         grad_params = [torch.zeros_like(p) if p.requires_grad else None for p in params]
         live = [p for p in params if p.requires_grad]
         rng_now = _RNGSnapshot(h.device)
-        for i, start in enumerate(range(0, ctx.n_items, ctx.chunk)):
-            end = min(start + ctx.chunk, ctx.n_items)
+        for i, a in enumerate(range(ctx.start, ctx.end, ctx.chunk)):
+            b = min(a + ctx.chunk, ctx.end)
             ctx.snapshots[i].restore()
-            rows = torch.arange(start, end, device=h.device)
+            rows = torch.arange(a, b, device=h.device)
             with torch.enable_grad():
                 e = normalise(ctx.item_fn(rows))
             ed = e.detach()
             logits = (h @ ed.T) / ctx.tau
             # d loss_i / d logit_ij = softmax_ij - [j == target_i], scaled by the incoming grad
             g = torch.exp(logits - lse[:, None]) * grad_loss[:, None]
-            here = (targets >= start) & (targets < end)
+            here = (targets >= a) & (targets < b)
             idx = here.nonzero(as_tuple=True)[0]
-            g[idx, targets[idx] - start] -= grad_loss[idx]
+            g[idx, targets[idx] - a] -= grad_loss[idx]
             g = g / ctx.tau
             grad_h += g @ ed
             if live:
@@ -97,7 +120,7 @@ class _FullSoftmax(torch.autograd.Function):
                     if gp is not None:
                         grad_params[k] += gp
         rng_now.restore()
-        return (grad_h, None, None, None, None, None, *grad_params)
+        return (grad_h, None, None, None, None, None, None, None, *grad_params)
 
 
 # the exact loss materialises (positions x items) logits when they stay below this many (128 MB fp32)
@@ -105,86 +128,12 @@ DENSE_MAX_LOGITS = 2**25
 
 
 # ----------------------------------------------------------------------------- exact, sharded
-class _ShardedFullSoftmax(torch.autograd.Function):
-    """The exact loss of ALL ranks' positions over ONE rank's slice of the catalog.
-
-    Forward: each rank streams its slice [start, end) for every rank's positions and the ranks
-    combine their partial log-sum-exps (all-reduce of max, then of the rescaled sums) and target
-    logits (each target lies in one slice). Backward: a rank's incoming gradient covers its own
-    positions only; an all-reduce gives every rank all of them, so each rank can return its
-    slice's parameter gradients (data parallelism averages them: the sum over slices / world)
-    and a partial gradient for every position (the all-gather's backward sums the partials)."""
-
-    @staticmethod
-    def forward(ctx, h_all, targets_all, item_fn, start, end, chunk, tau, *params):
-        n = h_all.shape[0]
-        running_max = torch.full((n,), -math.inf, device=h_all.device)
-        running_sum = torch.zeros(n, device=h_all.device)
-        target_logit = torch.zeros(n, device=h_all.device)
-        snapshots = []
-        for a in range(start, end, chunk):
-            b = min(a + chunk, end)
-            snapshots.append(_RNGSnapshot(h_all.device))
-            with torch.no_grad():
-                logits = (h_all @ normalise(item_fn(torch.arange(a, b, device=h_all.device))).T) / tau
-                new_max = torch.maximum(running_max, logits.max(dim=1).values)
-                running_sum = running_sum * torch.exp(running_max - new_max) + \
-                    torch.exp(logits - new_max[:, None]).sum(dim=1)
-                running_max = new_max
-                idx = ((targets_all >= a) & (targets_all < b)).nonzero(as_tuple=True)[0]
-                target_logit[idx] = logits[idx, targets_all[idx] - a]
-        global_max = running_max.clone()
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX)
-        scaled = torch.where(torch.isfinite(running_max), running_sum * torch.exp(running_max - global_max),
-                             torch.zeros_like(running_sum))  # an empty slice adds nothing
-        dist.all_reduce(scaled)
-        dist.all_reduce(target_logit)
-        lse = global_max + torch.log(scaled)
-        ctx.save_for_backward(h_all, targets_all, lse)
-        ctx.item_fn, ctx.start, ctx.end, ctx.chunk, ctx.tau = item_fn, start, end, chunk, tau
-        ctx.snapshots, ctx.params = snapshots, params
-        return lse - target_logit
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        h_all, targets_all, lse = ctx.saved_tensors
-        grad_loss = grad_loss.contiguous().clone()
-        dist.all_reduce(grad_loss)  # each position's gradient comes from the rank that owns it
-        params = ctx.params
-        grad_h = torch.zeros_like(h_all)
-        grad_params = [torch.zeros_like(p) if p.requires_grad else None for p in params]
-        live = [j for j, p in enumerate(params) if p.requires_grad]
-        rng_now = _RNGSnapshot(h_all.device)
-        for i, a in enumerate(range(ctx.start, ctx.end, ctx.chunk)):
-            b = min(a + ctx.chunk, ctx.end)
-            ctx.snapshots[i].restore()
-            with torch.enable_grad():
-                e = normalise(ctx.item_fn(torch.arange(a, b, device=h_all.device)))
-            ed = e.detach()
-            g = torch.exp((h_all @ ed.T) / ctx.tau - lse[:, None]) * grad_loss[:, None]
-            idx = ((targets_all >= a) & (targets_all < b)).nonzero(as_tuple=True)[0]
-            g[idx, targets_all[idx] - a] -= grad_loss[idx]
-            g = g / ctx.tau
-            grad_h += g @ ed
-            if live:
-                grads = torch.autograd.grad(e, [params[j] for j in live], grad_outputs=g.T @ h_all,
-                                            allow_unused=True)
-                for j, gp in zip(live, grads):
-                    if gp is not None:
-                        grad_params[j] += gp
-        rng_now.restore()
-        return (grad_h, None, None, None, None, None, None, *grad_params)
-
-
 def _sharded_full_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, n_items: int,
-                          params: Sequence[torch.nn.Parameter], tau: float, chunk: int) -> torch.Tensor:
+                          params: Sequence[torch.nn.Parameter], tau: float, chunk: int, most: int) -> torch.Tensor:
     """Per-position exact losses of this rank's positions; this rank runs the item model over
-    its 1/world slice of the catalog only (ranks may hold different numbers of positions)."""
+    its 1/world slice of the catalog only. Ranks may hold different numbers of positions:
+    `most`, the largest, is what every rank pads to."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    sizes = [torch.zeros(1, dtype=torch.long, device=h.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([h.shape[0]], device=h.device))
-    sizes = [int(x) for x in sizes]
-    most = max(sizes)
     pad = most - h.shape[0]
     h_pad = F.pad(normalise(h), (0, 0, 0, pad))  # padding rows: zero vectors, never selected below
     t_pad = F.pad(targets, (0, pad), value=-1)
@@ -193,7 +142,7 @@ def _sharded_full_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemF
     dist.all_gather(rows, t_pad.contiguous())
     per_rank = -(-n_items // world)
     start, end = min(rank * per_rank, n_items), min((rank + 1) * per_rank, n_items)
-    loss_all = _ShardedFullSoftmax.apply(h_all, torch.cat(rows), item_fn, start, end, chunk, tau, *params)
+    loss_all = _FullSoftmax.apply(h_all, torch.cat(rows), item_fn, start, end, chunk, tau, True, *params)
     return loss_all[rank * most: rank * most + h.shape[0]]
 
 
@@ -221,8 +170,8 @@ def full_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, n_item
         # the chunked path's second pass over the item model in backward (same value, same gradients)
         return naive_full_softmax(h, targets, item_fn(torch.arange(n_items, device=h.device)), tau, reduction)
     if sharded:
-        return _reduce(_sharded_full_softmax(h, targets, item_fn, n_items, params, tau, chunk), reduction)
-    loss = _FullSoftmax.apply(normalise(h), targets, item_fn, n_items, chunk, tau, *params)
+        return _reduce(_sharded_full_softmax(h, targets, item_fn, n_items, params, tau, chunk, positions), reduction)
+    loss = _FullSoftmax.apply(normalise(h), targets, item_fn, 0, n_items, chunk, tau, False, *params)
     return _reduce(loss, reduction)
 
 

@@ -22,7 +22,8 @@ import pytest
 from PIL import Image
 
 from ant_dist.config import SynthConfig
-from ant_dist.data.fetch_images import OUTCOMES, FetchConfig, fetch_images, image_url, main, rewrite_url, usable_as_file_stem
+from ant_dist.data.fetch_images import (OUTCOMES, FetchConfig, fetch_images, image_url, main, rewrite_url,
+                                        usable_as_file_stem)
 from ant_dist.data.image_download import TokenBucket, backoff_delay, is_http_url
 from ant_dist.data.synth import synthesize
 from ant_dist.locking import exclusive_dir_lock

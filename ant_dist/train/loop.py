@@ -27,7 +27,7 @@ from ..losses import NegativeSampler
 from ..model.ant import ANT, ANTConfig
 from ..model.irl import IRLConfig
 from ..model.sasrec import SASRecConfig
-from ..signals import STOP_SIGNALS, flag_stop_signals
+from ..signals import flag_stop_signals
 from . import TrainError
 from .checkpoint import (
     deepspeed_resized,
@@ -285,7 +285,7 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
             return flat
 
         # ---- stop signals: flag now, act at the next step boundary (all processes agree)
-        stop = stack.enter_context(flag_stop_signals(STOP_SIGNALS))
+        stop = stack.enter_context(flag_stop_signals())
 
         trace = None
         if cfg.trace_batches:
@@ -324,9 +324,10 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
                 for term, value in (("recommendation loss L_r", rec), ("alignment loss R_c", align),
                                     ("gradient norm", grad_norm if not deepspeed or cfg.grad_clip > 0 else 0.0)):
                     if not math.isfinite(value):
+                        when = ("(DeepSpeed applied the update inside backward; nothing is saved)" if deepspeed
+                                else "before the update")
                         raise NonFiniteError(
-                            f"step {state['step'] + 1}: the {term} is {value}; stopping "
-                            f"{'(DeepSpeed applied the update inside backward; nothing is saved)' if deepspeed else 'before the update'}. "
+                            f"step {state['step'] + 1}: the {term} is {value}; stopping {when}. "
                             f"The last good checkpoint is kept ({_newest(run_dir)}); lower lr, check the features "
                             f"(python -m ant_dist.embed verify), or resume from it")
                 epoch_of_batch = state["epoch"]
