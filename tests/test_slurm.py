@@ -180,10 +180,8 @@ def test_node_launcher_on_cpu_keeps_the_chosen_engine(world, accelerate_config, 
     # slurm/launch_node.sh as a Slurm task runs it (one node, 2 CPU processes), without Slurm:
     # ANT_CPU=1 must not turn a DeepSpeed run into DDP (ACCELERATE_USE_CPU does that silently)
     run_name = f"node-{engine}"
-    env = {k: v for k, v in ENV.items() if not k.startswith(("SLURM_", "ACCELERATE_"))}
-    env.update({"ANT_CPU": "1", "ANT_GPUS_PER_NODE": "2", "ANT_PYTHON": sys.executable, "SLURM_NNODES": "1",
-                "SLURM_NODEID": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-                "ANT_ACCELERATE_CONFIG": accelerate_config})
+    env = _export(SLURM_NNODES="1", SLURM_NODEID="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                  ANT_ACCELERATE_CONFIG=accelerate_config)
     res = subprocess.run(["bash", "slurm/launch_node.sh", "ant_dist.pretrain",
                           *_args(world, run_name, "max_steps=2", "eval_every=-1")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
