@@ -284,16 +284,21 @@ def _lock_pid(folder: Path):
         return None
 
 
-def test_sigkill_then_rerun_is_byte_identical(tmp_path, food_raw):
+@pytest.mark.parametrize("previous", ["none", "good"])
+def test_sigkill_then_rerun_is_byte_identical(tmp_path, food_raw, previous):
+    """A packer killed mid-way leaves the domain folder as it was: no pack (nothing that looks
+    complete), or the previous good pack byte for byte; the rerun gives the reference."""
     out = tmp_path / "shards"
     subprocess.run(_pack_cmd(food_raw, out), check=True, capture_output=True)
     reference = _snapshot(out / "Food")
-    shutil.rmtree(out)
+    if previous == "none":
+        shutil.rmtree(out)
+    building = out / ".Food.staging"
 
     proc = subprocess.Popen(_pack_cmd(food_raw, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers = []
     try:
-        _wait_for(lambda: len(list((out / "Food").glob("items-*.tar"))) >= 3, "3 shards")
+        _wait_for(lambda: len(list(building.glob("items-*.tar"))) >= 3, "3 shards")
         workers = psutil.Process(proc.pid).children(recursive=True)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -303,11 +308,15 @@ def test_sigkill_then_rerun_is_byte_identical(tmp_path, food_raw):
     finally:
         _kill_all(proc, workers)
     killed = _snapshot(out / "Food")
-    assert "catalog.parquet" not in killed, "a killed packer must not leave a complete-looking domain"
-    assert len([n for n in killed if n.startswith("items-") and n.endswith(".tar")]) >= 3
+    if previous == "none":
+        assert killed == {}, "a killed packer must not leave a complete-looking domain"
+    else:
+        assert killed == reference, "a killed packer must leave the previous pack as it was"
+    assert len(list(building.glob("items-*.tar"))) >= 3  # the kill came mid-way
 
     subprocess.run(_pack_cmd(food_raw, out), check=True, capture_output=True)
     assert _snapshot(out / "Food") == reference
+    assert sorted(p.name for p in out.iterdir()) == ["Food"]  # the killed run's staging folder is gone
 
 
 def test_second_packer_on_the_same_domain_is_refused(tmp_path, food_raw):

@@ -4,12 +4,14 @@ Order of work, and why:
 1. read items (metadata) and interactions, counting every bad record by reason;
 2. fail early, before writing anything, if too much of the input is broken;
 3. drop interactions with unknown items, k-core filter, order by time, keep the last N;
-4. write shards in parallel, each atomically (tmp + rename);
-5. write interactions.parquet and pack_report.json, and catalog.parquet LAST.
+4. write shards in parallel, interactions.parquet, pack_report.json and catalog.parquet into
+   a staging sibling (`<out>/.<domain>.staging`);
+5. swap the staging folder in with one atomic rename (staging.py).
 
-catalog.parquet is the completion marker: it is deleted when a run starts and written only
-when everything else is in place, so a killed packer never leaves a domain that looks done.
-Everything is a pure function of the input and the config, so a rerun is byte-identical.
+Until that rename the domain folder is exactly what it was, whatever happens (a typo in an
+input, a table without a column, a crash, SIGKILL), so a good earlier pack is never lost, and a
+folder with catalog.parquet is always a complete pack. Everything is a pure function of the
+input and the config, so a rerun is byte-identical.
 
 One packer per domain folder: it holds `<out>/<domain>/.lock` from start to end (a second one
 is refused with LockedError), and its shard workers die with it, so a killed packer leaves no
@@ -31,6 +33,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ..config import PackConfig, save_config
+from .. import staging
 from ..locking import die_with_parent, exclusive_dir_lock
 from .cleaning import normalise_price
 from .filtering import (TIE_BREAKS, duplicate_mask, group_offsets, k_core_filter, most_recent, sort_interactions,
@@ -60,11 +63,20 @@ def _write_json(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def failed_report_path(out: Path) -> Path:
+    """Where a failed pack's report goes: in the domain folder when it holds no complete pack,
+    else beside it (a good earlier pack is never touched)."""
+    if (out / CATALOG).exists():
+        return out.parent / f"{out.name}.failed_pack_report.json"
+    return out / REPORT
+
+
 def _fail(report: dict, log: BadInputLog, out: Path, error: str) -> None:
-    """Record a failed pack in pack_report.json (no catalog is written) and stop."""
+    """Record a failed pack (no catalog is written) and stop."""
     report.update(log.as_dict(), status="failed", error=error)
-    _write_json(report, out / REPORT)
-    raise PackError(f"{report['domain']}: {error}; see {out / REPORT}")
+    path = failed_report_path(out)
+    _write_json(report, path)
+    raise PackError(f"{report['domain']}: {error}; see {path}")
 
 
 def _write_shard_job(args):
@@ -81,13 +93,21 @@ def pack_domain(cfg: PackConfig) -> dict:
         raise InputError(f"tie_break must be one of {TIE_BREAKS}, got {cfg.tie_break!r}")
     t0 = time.time()
     out = Path(cfg.out) / cfg.domain
-    # Held until the catalog is written (or the pack fails): everything below writes in `out`.
+    # Held until the new pack is swapped in (or the pack fails); the lock file follows the swap.
     with exclusive_dir_lock(out, "packer"):
-        return _pack_locked(cfg, out, t0)
+        work = staging.begin(out)
+        try:
+            report = _pack_into(cfg, out, work, t0)
+        except BaseException:
+            staging.abort(work)
+            raise
+        staging.commit(out, work)
+        (out.parent / f"{out.name}.failed_pack_report.json").unlink(missing_ok=True)
+        return report
 
 
-def _pack_locked(cfg: PackConfig, out: Path, t0: float) -> dict:
-    (out / CATALOG).unlink(missing_ok=True)  # not complete until written again
+def _pack_into(cfg: PackConfig, final: Path, out: Path, t0: float) -> dict:
+    """Pack into `out` (the staging folder); `final` is where it will be swapped in."""
     log = BadInputLog(cfg.examples_per_reason)
 
     items, meta_records = read_items(cfg.format, cfg.meta, log, max_text_chars=cfg.max_text_chars,
@@ -108,7 +128,7 @@ def _pack_locked(cfg: PackConfig, out: Path, t0: float) -> dict:
     bad_fracs = {"meta": meta_bad / max(meta_records, 1), "interactions": inter_bad / max(inter.total_rows, 1)}
     worst = max(bad_fracs, key=bad_fracs.get)
     if bad_fracs[worst] > cfg.max_bad_fraction:
-        _fail(report, log, out, f"{bad_fracs[worst]:.1%} of {worst} records are malformed "
+        _fail(report, log, final, f"{bad_fracs[worst]:.1%} of {worst} records are malformed "
                                 f"(max_bad_fraction={cfg.max_bad_fraction})")
 
     # --- interactions: known items only, exact duplicates once, k-core, time order, last N
@@ -133,7 +153,7 @@ def _pack_locked(cfg: PackConfig, out: Path, t0: float) -> dict:
     user_codes, item_codes, ts = user_codes[recent], item_codes[recent], ts[recent]
 
     if len(ts) == 0:
-        _fail(report, log, out, f"no interactions survive {cfg.min_core}-core filtering "
+        _fail(report, log, final, f"no interactions survive {cfg.min_core}-core filtering "
                                 f"({n_before} known interactions before it)")
 
     # --- rows: kept items in item-id order
@@ -179,11 +199,6 @@ def _pack_locked(cfg: PackConfig, out: Path, t0: float) -> dict:
             bytes_total += res.bytes_written
             bar.update(len(res.rows))
     bar.close()
-    expected = {SHARD_PATTERN.format(s) for s in range(len(ranges))}
-    for stale in list(out.glob("items-*.tar")) + list(out.glob("*.tmp")):  # never .lock
-        if stale.name not in expected:
-            stale.unlink()
-
     # --- interactions.parquet: one row per user (user-id order), item rows in time order
     offsets = group_offsets(user_codes)
     seq_user = user_ids[user_codes[offsets[:-1]]] if len(offsets) > 1 else np.array([], dtype=str)
