@@ -24,6 +24,31 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
+def scaled_logits(hn: torch.Tensor, en: torch.Tensor, tau: float) -> torch.Tensor:
+    """(N, d) x (M, d) unit vectors -> (N, M) logits cos / tau, in float32.
+
+    The precision rule (docs/model.md): the matrix product may run in bf16 under autocast (it
+    holds the FLOPs); everything after it (the division by tau, the logQ correction, masking,
+    log-sum-exp, the target logit) runs in float32. bf16 keeps 8 significant bits: a cosine
+    divided by tau = 0.07 and then offset by log(K q) would lose whole units of the logit's
+    last digits if the softmax arithmetic stayed in bf16."""
+    return (hn @ en.T).float() / tau
+
+
+class _AutocastState:
+    """The autocast setting of the forward, replayed in a custom backward: the engine runs
+    backward outside the forward's autocast context (and on CUDA in another thread), and the
+    recomputed chunks must be the forward's numbers, bf16 products included."""
+
+    def __init__(self, device: torch.device):
+        self.device_type = device.type
+        self.enabled = torch.is_autocast_enabled(device.type)
+        self.dtype = torch.get_autocast_dtype(device.type)
+
+    def __call__(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
 class _RNGSnapshot:
     """Saves and restores the RNG state, so a chunk recomputed in backward draws the same
     dropout masks and gate noise as in forward (as torch.utils.checkpoint does)."""
@@ -64,7 +89,7 @@ class _FullSoftmax(torch.autograd.Function):
             rows = torch.arange(a, b, device=h.device)
             with torch.no_grad():
                 e = normalise(item_fn(rows))
-                logits = (h @ e.T) / tau
+                logits = scaled_logits(h, e, tau)
                 # streamed log-sum-exp: rescale the running sum to the new maximum
                 new_max = torch.maximum(running_max, logits.max(dim=1).values)
                 running_sum = running_sum * torch.exp(running_max - new_max) + \
@@ -85,6 +110,7 @@ class _FullSoftmax(torch.autograd.Function):
         ctx.save_for_backward(h, targets, lse)
         ctx.item_fn, ctx.start, ctx.end, ctx.chunk, ctx.tau = item_fn, start, end, chunk, tau
         ctx.across_ranks, ctx.snapshots = across_ranks, snapshots
+        ctx.autocast = _AutocastState(h.device)
         ctx.params = params  # leaves: safe to keep on ctx
         return lse - target_logit
 
@@ -103,19 +129,22 @@ class _FullSoftmax(torch.autograd.Function):
             b = min(a + ctx.chunk, ctx.end)
             ctx.snapshots[i].restore()
             rows = torch.arange(a, b, device=h.device)
-            with torch.enable_grad():
+            with torch.enable_grad(), ctx.autocast():
                 e = normalise(ctx.item_fn(rows))
             ed = e.detach()
-            logits = (h @ ed.T) / ctx.tau
+            with ctx.autocast():
+                logits = scaled_logits(h, ed, ctx.tau)
             # d loss_i / d logit_ij = softmax_ij - [j == target_i], scaled by the incoming grad
             g = torch.exp(logits - lse[:, None]) * grad_loss[:, None]
             here = (targets >= a) & (targets < b)
             idx = here.nonzero(as_tuple=True)[0]
             g[idx, targets[idx] - a] -= grad_loss[idx]
             g = g / ctx.tau
-            grad_h += g @ ed
+            with ctx.autocast():  # the two products may run in bf16, their sums stay float32
+                grad_h += (g @ ed).float()
+                grad_e = (g.T @ h).to(e.dtype)
             if live:
-                grads = torch.autograd.grad(e, live, grad_outputs=g.T @ h, allow_unused=True)
+                grads = torch.autograd.grad(e, live, grad_outputs=grad_e, allow_unused=True)
                 for k, gp in zip([j for j, p in enumerate(params) if p.requires_grad], grads):
                     if gp is not None:
                         grad_params[k] += gp
@@ -178,7 +207,7 @@ def full_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, n_item
 def naive_full_softmax(h: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor,
                        tau: float = 0.07, reduction: str = "mean") -> torch.Tensor:
     """Reference: dense logits over the whole catalog (for tests and small catalogs)."""
-    logits = normalise(h) @ normalise(item_emb).T / tau
+    logits = scaled_logits(normalise(h), normalise(item_emb), tau)
     return F.cross_entropy(logits, targets, reduction=reduction)
 
 
@@ -297,7 +326,7 @@ def sampled_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, sam
     if in_batch_negatives:
         cand_rows = torch.cat([neg_rows, targets])
         cand_emb = torch.cat([neg_emb, pos_emb])
-    neg_logit = hn @ cand_emb.T / tau
+    neg_logit = scaled_logits(hn, cand_emb, tau)
     if logq:
         expected = k * q[cand_rows]
         if in_batch_negatives:
@@ -325,5 +354,5 @@ def alignment_loss(z_image: torch.Tensor, z_text: torch.Tensor, has_image: torch
     if int(keep.sum()) < 2:
         return z_image.sum() * 0.0
     zm, zt = normalise(z_image[keep]), normalise(z_text[keep])
-    logits = zm @ zt.T / tau
+    logits = scaled_logits(zm, zt, tau)
     return F.cross_entropy(logits, torch.arange(len(zm), device=logits.device))

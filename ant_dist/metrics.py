@@ -1,9 +1,18 @@
 """Full-ranking evaluation: Recall@k and NDCG@k over every item of the catalog.
 
 Conventions (docs/model.md):
-- The rank of the target is pessimistic: every other ranked item with a score >= the target's
-  counts as ranked above it, so ties never flatter a model (a model that scores all items
-  equally gets the worst rank, deterministically).
+- The rank of the target is pessimistic: every other ranked item whose score is >= the
+  target's, within the tie tolerance, counts as ranked above it, so ties never flatter a model
+  (a model that scores all items equally gets the worst rank, deterministically).
+- Ties do not depend on the hardware: a score within `TIE_RTOL * max(1, |target score|)` below
+  the target's (4 float32 ulps at 1.0, about 2.4e-7 for a cosine) is a tie. Two copies of one
+  item vector can score a few ulps apart when the kernel accumulates columns in different orders
+  (BLAS does for odd chunk widths; GPUs may anywhere), so exact equality made a duplicate a tie on
+  one machine and not on another. The chunked ranker computes its scores in float64 from the
+  vectors (normalised in float64), so its own arithmetic adds ~1e-16, far inside the tolerance;
+  the tolerance absorbs float32 rounding of the vectors upstream. Scores further apart than that
+  are ranked by value; 2.4e-7 is far below any difference a float32 model can express between
+  items it really tells apart.
 - NaN counts against the target: a NaN target score ranks every other ranked item above it
   (the worst rank), and an item with a NaN score counts as above the target.
 - History exclusion: by default a user's earlier items (other than the target itself) are
@@ -21,12 +30,13 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import stats
 
-from .losses import normalise
 
 DEFAULT_KS = (10, 20, 50)
 PADDING_RANK = -1  # the rank returned for a user whose target is negative (padding)
+TIE_RTOL = 2.0 ** -22  # 4 float32 ulps at 1.0: scores this close to the target's are ties (module docstring)
 
 
 def _check_targets(targets: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,10 +65,16 @@ def _exclusion_pairs(history: Sequence[Sequence[int]], t: torch.Tensor, real: to
             torch.tensor(rows, dtype=torch.long, device=device))
 
 
+def tie_floor(target_score: torch.Tensor) -> torch.Tensor:
+    """The lowest score that still ties with each target: target - TIE_RTOL * max(1, |target|)."""
+    return target_score - TIE_RTOL * target_score.abs().clamp(min=1.0)
+
+
 def _count_above(s: torch.Tensor, target_score: torch.Tensor, ranked: torch.Tensor) -> torch.Tensor:
-    """Per user, the ranked items that count above the target: score >= the target's (ties
-    against the target), a NaN score, or anything at all when the target's score is NaN."""
-    above = (s >= target_score[:, None]) | s.isnan() | target_score.isnan()[:, None]
+    """Per user, the ranked items that count above the target: score >= the target's within the
+    tie tolerance (ties against the target), a NaN score, or anything at all when the target's
+    score is NaN."""
+    above = (s >= tie_floor(target_score)[:, None]) | s.isnan() | target_score.isnan()[:, None]
     return (above & ranked).sum(dim=1)
 
 
@@ -68,11 +84,11 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, n_items: Optional[
 
     scores: (U, >= n_items); targets: (U,), negative = padding user (rank -1); history: per user,
     catalog rows to exclude (the target itself is never excluded). Every other ranked item with
-    a score >= the target's, or a NaN score, counts above it; a NaN target score gets the worst
-    rank (all other ranked items above it).
+    a score >= the target's (within the tie tolerance), or a NaN score, counts above it; a NaN
+    target score gets the worst rank (all other ranked items above it).
     """
     n_items = scores.shape[1] if n_items is None else n_items
-    s = scores[:, :n_items].float()
+    s = scores[:, :n_items].double()
     t, real = _check_targets(targets.to(s.device), n_items)
     users = torch.arange(len(t), device=s.device)
     ranked = torch.ones_like(s, dtype=torch.bool)
@@ -90,36 +106,36 @@ def chunked_target_ranks(users: torch.Tensor, targets: torch.Tensor,
                          tie_eps: Optional[float] = None) -> torch.Tensor:
     """`target_ranks` of cosine scores without materialising (U x n_items): streams item chunks.
 
-    Same rules as `target_ranks` (pessimistic ties, NaN against the target, rank -1 for a
-    negative target). No tolerance is needed for ties: every score, the target's included, comes
-    out of a matmul of the same shape, (U, d) @ (d, C) with C = min(chunk, n_items) (the last
-    chunk is zero-padded to C columns), so an item vector equal to the target's scores exactly
-    the same. The target's score is read from one such matmul against a (C, d) block holding the
-    users' target vectors. `item_fn(rows)` must return each row's vector independently of the
-    other rows asked for (a table lookup does). `tie_eps` is accepted for backward compatibility
-    and ignored.
+    Same rules as `target_ranks` (pessimistic ties within TIE_RTOL, NaN against the target,
+    rank -1 for a negative target). Scores are computed in float64 from vectors normalised in
+    float64, whatever autocast is active, so the ranks of a given model do not depend on the
+    chunk width, the kernel, the number of threads or the training precision; two copies of an
+    item vector tie with each other on any hardware. `item_fn(rows)` returns each row's vector.
+    `tie_eps` is accepted for backward compatibility and ignored (TIE_RTOL is the rule).
     """
-    del tie_eps  # superseded by exact ties (see the docstring)
+    del tie_eps  # superseded by TIE_RTOL (module docstring)
     if n_items < 1:
         raise ValueError("chunked_target_ranks needs n_items >= 1")
     device = users.device
     t, real = _check_targets(targets.to(device), n_items)
-    un = normalise(users)
+    with torch.autocast(device.type, enabled=False):  # float64 ranks, whatever the caller's autocast
+        return _chunked_ranks(users, t, real, item_fn, n_items, history, min(chunk, n_items))
+
+
+def _chunked_ranks(users: torch.Tensor, t: torch.Tensor, real: torch.Tensor,
+                   item_fn: Callable[[torch.Tensor], torch.Tensor], n_items: int,
+                   history: Optional[Sequence[Sequence[int]]], width: int) -> torch.Tensor:
+    device = users.device
+    un = F.normalize(users.double(), dim=-1)
     n_users = len(t)
-    width = min(chunk, n_items)
 
     def unit_block(rows: torch.Tensor) -> torch.Tensor:
-        # (width, d) unit vectors, zero rows past len(rows): every matmul below has one shape
-        raw = item_fn(rows)
-        block = torch.zeros(width, raw.shape[-1], dtype=raw.dtype, device=raw.device)
-        block[:len(rows)] = raw
-        return normalise(block)
+        return F.normalize(item_fn(rows).double(), dim=-1)
 
-    target_score = torch.empty(n_users, dtype=torch.float32, device=device)
+    target_score = torch.empty(n_users, dtype=torch.float64, device=device)
     for a in range(0, n_users, width):
         b = min(a + width, n_users)
-        s = un @ unit_block(t[a:b]).T
-        target_score[a:b] = s[torch.arange(a, b, device=device), torch.arange(b - a, device=device)]
+        target_score[a:b] = (un[a:b] * unit_block(t[a:b])).sum(dim=-1)
 
     ex_u = ex_r = None
     if history is not None:
@@ -128,8 +144,7 @@ def chunked_target_ranks(users: torch.Tensor, targets: torch.Tensor,
     for start in range(0, n_items, width):
         end = min(start + width, n_items)
         s = un @ unit_block(torch.arange(start, end, device=device)).T
-        ranked = torch.zeros_like(s, dtype=torch.bool)
-        ranked[:, :end - start] = True  # the zero padding columns are never ranked
+        ranked = torch.ones_like(s, dtype=torch.bool)
         here = ((t >= start) & (t < end)).nonzero(as_tuple=True)[0]
         ranked[here, t[here] - start] = False  # the target does not count against itself
         if ex_u is not None:

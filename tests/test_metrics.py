@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from ant_dist.metrics import (chunked_target_ranks, full_ranking_metrics, metrics_from_ranks, paired_t_test,
+from ant_dist.metrics import (TIE_RTOL, chunked_target_ranks, full_ranking_metrics, metrics_from_ranks, paired_t_test,
                               summarise, target_ranks)
 
 
@@ -122,8 +122,7 @@ def test_chunked_ranks_match_naive_reference_with_exact_ties(chunk):
         assert got.tolist() == naive_ranks(ref, targets.tolist(), hist)
 
 
-@pytest.mark.parametrize("chunk", CHUNKS)
-def test_chunked_ranks_match_naive_reference_with_duplicate_items(chunk):
+def _world_with_duplicates():
     rng = np.random.default_rng(2)
     items = rng.standard_normal((103, 16))
     sources = rng.choice(103, 20, replace=False)
@@ -131,16 +130,63 @@ def test_chunked_ranks_match_naive_reference_with_duplicate_items(chunk):
         items[rng.choice(103, 1 + k % 3, replace=False)] = items[src]
     users = rng.standard_normal((30, 16))
     targets = np.concatenate([rng.choice(sources, 20), rng.integers(0, 103, 10)])  # 20 users with ties
+    return items, users, targets
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("chunk", range(1, 17))
+def test_chunked_ranks_match_naive_reference_with_duplicate_items(chunk, threads):
+    # a copy of the target ties with it on any kernel: every chunk width (BLAS accumulates odd
+    # widths' columns in different orders), one or two threads
+    items, users, targets = _world_with_duplicates()
     ref = cosine_reference(users, items)
-    # precondition: apart from exact duplicates, no item is within float32 noise of the target
+    # the tolerance proof for this construction: apart from exact duplicates, every score is far
+    # outside the tie tolerance of the target's (TIE_RTOL = 2.4e-7; the closest is > 1e-5 away)
     gaps = np.abs(ref - ref[np.arange(30), targets][:, None])
-    assert ((gaps == 0) | (gaps > 1e-5)).all()
+    assert ((gaps == 0) | (gaps > 40 * TIE_RTOL)).all()
     expected = naive_ranks(ref, targets.tolist())
     assert sum(int((gaps[u] == 0).sum()) > 1 for u in range(30)) >= 15  # the ties are really there
     table = torch.tensor(items, dtype=torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = chunked_target_ranks(torch.tensor(users, dtype=torch.float32), torch.tensor(targets),
+                                   lambda r: table[r], 103, chunk=chunk)
+    finally:
+        torch.set_num_threads(before)
+    assert got.tolist() == expected
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 7, 16, 103])
+def test_copies_that_differ_by_float32_rounding_still_tie(chunk):
+    # another machine's item model may produce a copy a few float32 ulps off (a different
+    # accumulation order upstream): still a tie. Each copy is nudged by 1-2 ulps in two entries.
+    items, users, targets = _world_with_duplicates()
+    ref = cosine_reference(users, items)
+    table = torch.tensor(items, dtype=torch.float32)
+    dup_rows = [i for i in range(103) if (items == items[i]).all(axis=1).sum() > 1]
+    for n, i in enumerate(dup_rows):
+        for j, ulps in ((n % 16, 1 + n % 2), ((n + 5) % 16, -1)):
+            v = table[i, j].clone()
+            for _ in range(abs(ulps)):
+                v = torch.nextafter(v, torch.tensor(math.copysign(math.inf, ulps)))
+            table[i, j] = v
+    assert not torch.equal(table, torch.tensor(items, dtype=torch.float32))
     got = chunked_target_ranks(torch.tensor(users, dtype=torch.float32), torch.tensor(targets),
                                lambda r: table[r], 103, chunk=chunk)
-    assert got.tolist() == expected
+    assert got.tolist() == naive_ranks(ref, targets.tolist())
+
+
+def test_ranks_do_not_depend_on_autocast():
+    # evaluation of a bf16-trained model: the ranker computes in float64 whatever the caller's autocast
+    items, users, targets = _world_with_duplicates()
+    table = torch.tensor(items, dtype=torch.float32)
+    args = (torch.tensor(users, dtype=torch.float32), torch.tensor(targets), lambda r: table[r], 103)
+    plain = chunked_target_ranks(*args, chunk=7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (table[:4] @ table[:4].T).dtype == torch.bfloat16  # autocast really is on
+        under_autocast = chunked_target_ranks(*args, chunk=7)
+    assert under_autocast.tolist() == plain.tolist()
 
 
 def test_scores_just_below_the_target_do_not_count():

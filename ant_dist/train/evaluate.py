@@ -1,5 +1,6 @@
 """Leave-one-out evaluation over the full catalog, split across processes.
 
+Always in float32 (autocast off), so a model ranks the same whatever precision trained it.
 The item model runs once over the catalog (in chunks, evaluation mode) into a (N, d) table of
 unit vectors; users' states come from the user model; ranks come from the chunked ranker,
 which never materialises users x items. Each process ranks its share of the users and the
@@ -65,6 +66,15 @@ def evaluate(model: ANT, features, corpus: Corpus, users_per_domain: Sequence[np
     """Per-domain metrics (means) and per-user arrays, identical on every process."""
     was_training = model.training
     model.eval()
+    # evaluation runs in float32 whatever the training precision (docs/model.md): a bf16 and an
+    # fp32 run of the same weights rank the same way
+    with torch.autocast(device.type, enabled=False):
+        return _evaluate(model, features, corpus, users_per_domain, split, max_len, exclude_history, chunk,
+                         device, rank, world, gather_fn, ks, was_training)
+
+
+def _evaluate(model, features, corpus, users_per_domain, split, max_len, exclude_history, chunk, device, rank,
+              world, gather_fn, ks, was_training) -> dict:
     try:
         table = catalog_embeddings(model, features, corpus.n_items, chunk, device)
         out = {}
