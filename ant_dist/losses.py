@@ -177,7 +177,8 @@ def _sharded_full_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemF
 
 def full_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, n_items: int,
                  params: Sequence[torch.nn.Parameter], tau: float = 0.07, chunk: int = 8192,
-                 reduction: str = "mean", shard_across_ranks: bool = False) -> torch.Tensor:
+                 reduction: str = "mean", shard_across_ranks: bool = False,
+                 path_log: Optional[list] = None) -> torch.Tensor:
     """Exact cross entropy of cos(h, v_target)/tau against ALL n_items items.
 
     h: (N, d) user states (any N: flatten positions first); targets: (N,) catalog rows.
@@ -185,6 +186,7 @@ def full_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, n_item
     item embeddings and returns their gradients (they must be listed to receive them).
     shard_across_ranks: under torch.distributed, every rank passes its own positions and runs
     the item model over 1/world of the catalog only (collective: all ranks must call it).
+    `path_log`, if given, receives the path taken: "dense", "chunked" or "split" (across ranks).
     """
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= n_items):
         raise ValueError("targets must be catalog rows in [0, n_items)")
@@ -194,7 +196,10 @@ def full_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, n_item
         most = torch.tensor([positions], device=h.device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         positions = int(most)
-    if n_items <= chunk and positions * n_items <= DENSE_MAX_LOGITS:
+    dense = n_items <= chunk and positions * n_items <= DENSE_MAX_LOGITS
+    if path_log is not None:
+        path_log.append("dense" if dense else "split" if sharded else "chunked")
+    if dense:
         # a small catalog (a target domain): the dense logits are cheap, and plain autograd skips
         # the chunked path's second pass over the item model in backward (same value, same gradients)
         return naive_full_softmax(h, targets, item_fn(torch.arange(n_items, device=h.device)), tau, reduction)
@@ -287,12 +292,27 @@ def _gather_negatives(neg_emb: torch.Tensor, neg_rows: torch.Tensor,
     return torch.cat(embs), torch.cat(rows)
 
 
+def _gather_batch_targets(pos_emb: torch.Tensor, targets: torch.Tensor,
+                          full_gradient: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's targets and their embeddings, for in-batch negatives over the GLOBAL batch.
+    Ranks may hold different numbers of positions: each pads to the largest with row -1, and the
+    padding is dropped after the gather. The gradient goes back as `_gather_negatives` sends it."""
+    n = torch.tensor([len(targets)], device=targets.device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    pad = int(n) - len(targets)
+    rows_pad = F.pad(targets, (0, pad), value=-1)
+    emb_pad = F.pad(pos_emb, (0, 0, 0, pad))
+    emb_all, rows_all = _gather_negatives(emb_pad, rows_pad, full_gradient)
+    real = rows_all >= 0
+    return emb_all[real], rows_all[real]
+
+
 def sampled_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, sampler: NegativeSampler,
                     n_negatives: int, tau: float = 0.07, logq: bool = True,
                     in_batch_negatives: bool = False, popularity: Optional[torch.Tensor] = None,
                     gather_across_ranks: bool = False, generator: Optional[torch.Generator] = None,
                     reduction: str = "mean", negatives: Optional[torch.Tensor] = None,
-                    gather_full_gradient: bool = False) -> torch.Tensor:
+                    gather_full_gradient: bool = False, gather_in_batch: bool = False) -> torch.Tensor:
     """Cross entropy over {target} + negatives shared by the batch, sampled from the catalog.
 
     With logQ correction, negative j's logit becomes s_j - log(K q_j): then
@@ -302,7 +322,10 @@ def sampled_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, sam
     as extra negatives (mixed negative sampling); they are drawn from the data distribution,
     estimated by `popularity`, and the correction uses the mixture log(K q_j + B p_j).
     `gather_across_ranks` all-gathers every rank's sampled negatives (K x world in total);
-    `gather_full_gradient` sends each rank's gradient back to the negatives' owners.
+    `gather_full_gradient` sends each rank's gradient back to the negatives' owners (and to the
+    in-batch targets' owners). `gather_in_batch` makes the in-batch negatives every rank's targets
+    (the global batch, B = all ranks' positions), so 2 processes compute what 1 process with the
+    whole batch computes; independent of `gather_across_ranks` (shared negatives need no gather).
     `negatives` (K,) are pre-drawn catalog rows (e.g. by a data-loader worker) used instead of
     drawing `n_negatives` from `sampler`; `sampler.probs` still gives q for the correction.
     """
@@ -316,7 +339,8 @@ def sampled_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, sam
     uniq, inverse = torch.cat([neg_rows, targets]).unique(return_inverse=True)
     emb = normalise(item_fn(uniq))[inverse]
     neg_emb, pos_emb = emb[:n_negatives], emb[n_negatives:]
-    if gather_across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if gather_across_ranks and distributed:
         neg_emb, neg_rows = _gather_negatives(neg_emb, neg_rows, gather_full_gradient)
     k = len(neg_rows)
     q = sampler.probs.to(device)
@@ -324,8 +348,11 @@ def sampled_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, sam
     pos_logit = (hn * pos_emb).sum(-1, keepdim=True) / tau
     cand_rows, cand_emb = neg_rows, neg_emb
     if in_batch_negatives:
-        cand_rows = torch.cat([neg_rows, targets])
-        cand_emb = torch.cat([neg_emb, pos_emb])
+        batch_emb, batch_rows = pos_emb, targets
+        if gather_in_batch and distributed:
+            batch_emb, batch_rows = _gather_batch_targets(pos_emb, targets, gather_full_gradient)
+        cand_rows = torch.cat([neg_rows, batch_rows])
+        cand_emb = torch.cat([neg_emb, batch_emb])
     neg_logit = scaled_logits(hn, cand_emb, tau)
     if logq:
         expected = k * q[cand_rows]
@@ -334,7 +361,7 @@ def sampled_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, sam
                 raise ValueError("in_batch_negatives with logq needs item popularity")
             p = popularity.to(device).double()
             # a row's own target is masked, so only the other B - 1 in-batch draws can be its negatives
-            expected = expected + max(len(targets) - 1, 0) * (p / p.sum())[cand_rows].float()
+            expected = expected + max(len(batch_rows) - 1, 0) * (p / p.sum())[cand_rows].float()
         neg_logit = neg_logit - torch.log(expected)
     neg_logit = neg_logit.masked_fill(cand_rows[None, :] == targets[:, None], -math.inf)
     logits = torch.cat([pos_logit, neg_logit], dim=1)

@@ -373,3 +373,50 @@ def test_exact_loss_sharded_over_ranks_equals_the_dense_loss_of_every_position(t
     assert not np.any(np.array(got[0]["emb"])[19:]) and np.any(np.array(got[0]["emb"])[:19])
     assert not np.any(np.array(got[1]["emb"])[:19]) and np.any(np.array(got[1]["emb"])[19:])
 
+
+
+_IN_BATCH_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, torch.distributed as dist
+    from ant_dist.losses import NegativeSampler, sampled_softmax
+    rank = int(sys.argv[1]); out = sys.argv[2]
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[3], rank=rank, world_size=2)
+    torch.manual_seed(0)
+    emb = torch.nn.Parameter(torch.randn(50, 8))
+    h_all, t_all = torch.randn(11, 8), torch.tensor([4, 9, 4, 30, 12, 7, 9, 41, 3, 30, 18])
+    pop = torch.arange(50).float() % 5 + 1
+    mine = slice(0, 4) if rank == 0 else slice(4, 11)  # the ranks hold different numbers of positions
+    negs = torch.tensor([3, 17, 29, 41, 8, 22, 45])  # one shared negative set: no negative gather
+    loss = sampled_softmax(h_all[mine], t_all[mine], lambda r: emb[r], NegativeSampler(50), 0, tau=0.5,
+                           negatives=negs, in_batch_negatives=True, popularity=pop, gather_in_batch=True,
+                           gather_full_gradient=True, reduction="sum")
+    loss.backward()
+    json.dump({"loss": loss.item(), "grad": emb.grad.tolist()}, open(out + str(rank), "w"))
+    dist.destroy_process_group()
+""")
+
+
+def test_in_batch_negatives_across_ranks_equal_one_process_with_the_whole_batch(tmp_path):
+    # in-batch candidates are the GLOBAL batch's targets, with B - 1 = 10 in the mixture correction:
+    # the ranks' summed losses and summed gradients equal one process holding all 11 positions,
+    # written out here by hand (candidates: the 7 shared negatives + all 11 targets)
+    _run_two_gloo_ranks(_IN_BATCH_SCRIPT, tmp_path)
+    torch.manual_seed(0)
+    emb = torch.nn.Parameter(torch.randn(50, 8))
+    h_all, t_all = torch.randn(11, 8), torch.tensor([4, 9, 4, 30, 12, 7, 9, 41, 3, 30, 18])
+    p = (torch.arange(50).float() % 5 + 1)
+    p = p / p.sum()
+    negs = torch.tensor([3, 17, 29, 41, 8, 22, 45])
+    e, hn = F.normalize(emb, dim=-1), F.normalize(h_all, dim=-1)
+    cand = torch.cat([negs, t_all])
+    pos = (hn * e[t_all]).sum(-1, keepdim=True) / 0.5
+    neg = hn @ e[cand].T / 0.5 - torch.log(7 * (1 / 50) + 10 * p[cand])
+    neg = neg.masked_fill(cand[None] == t_all[:, None], -math.inf)
+    ref = (torch.logsumexp(torch.cat([pos, neg], 1), 1) - pos[:, 0]).sum()
+    grad = torch.autograd.grad(ref, emb)[0]
+    got = [json.load(open(tmp_path / f"r{r}")) for r in range(2)]
+    assert got[0]["loss"] + got[1]["loss"] == pytest.approx(ref.item(), rel=1e-5)
+    assert np.allclose(np.array(got[0]["grad"]) + np.array(got[1]["grad"]), grad.numpy(), atol=1e-5)
+    # and each rank alone (its own targets only, B - 1 of its own) would not
+    local = sampled_softmax(h_all[:4], t_all[:4], lambda r: emb[r], NegativeSampler(50), 0, tau=0.5,
+                            negatives=negs, in_batch_negatives=True, popularity=p * 50, reduction="sum")
+    assert abs(local.item() - got[0]["loss"]) > 1e-3

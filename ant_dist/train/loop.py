@@ -353,7 +353,8 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
                               "perf/positions_per_s": batch["n_global"] / dt,
                               **memory_record(world, gather_object)}
                     accelerator.log(record, step=state["step"])
-                    metrics_log.write({"event": "train", "step": state["step"], **record})
+                    metrics_log.write({"event": "train", "step": state["step"], **record,
+                                       "loss_path": accelerator.unwrap_model(objective).loss_path})
                     bar.set_postfix(loss=f"{rec:.3f}", lr=f"{record['train/lr']:.1e}")
                 epoch_done = state["consumed"] == 0
                 if (cfg.eval_every > 0 and state["step"] % cfg.eval_every == 0) or (not cfg.eval_every and epoch_done):

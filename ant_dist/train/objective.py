@@ -44,6 +44,7 @@ class TrainObjective(nn.Module):
         self.in_batch_negatives, self.gather_negatives = in_batch_negatives, gather_negatives
         self.exact_chunk = exact_chunk
         self.fail_at_step = 0  # testing aid: make the loss non-finite at this step
+        self.loss_path = ""  # the loss path the last step took (logged: tests check the path they mean)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         device = next(self.model.parameters()).device
@@ -62,9 +63,11 @@ class TrainObjective(nn.Module):
         if self.loss == "exact":
             groups = self.model.param_groups()
             params = groups["irl"] + groups["id"]
+            path: list[str] = []
             per_position = full_softmax(h, target_rows, lambda r: self.model.encode_items(r, self.features).embedding,
                                         len(self.features), params, tau=self.tau, chunk=self.exact_chunk,
-                                        reduction="none", shard_across_ranks=True)
+                                        reduction="none", shard_across_ranks=True, path_log=path)
+            self.loss_path = f"exact-{path[0]}"
         else:
             emb = items.embedding
 
@@ -75,7 +78,9 @@ class TrainObjective(nn.Module):
                 h, target_rows, batch_item_fn, self.sampler, 0, tau=self.tau, logq=True,
                 in_batch_negatives=self.in_batch_negatives, popularity=self.popularity,
                 gather_across_ranks=self.gather_negatives, gather_full_gradient=True,
-                negatives=batch["negatives"].to(device), reduction="none")
+                negatives=batch["negatives"].to(device), reduction="none", gather_in_batch=True)
+            self.loss_path = "sampled" + ("+in-batch" if self.in_batch_negatives else "") + \
+                ("+gathered" if self.gather_negatives and world_size() > 1 else "")
         rec_sum = per_position.sum()
         if self.fail_at_step and batch["step"] + 1 == self.fail_at_step:
             rec_sum = rec_sum * torch.tensor(float("nan"), device=device)
