@@ -39,12 +39,19 @@ def main() -> None:
     p.add_argument("--image-batch", type=int, default=256)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--tiny", action="store_true", help="2-layer, 32-wide encoders: checks the path, not a figure")
     args = p.parse_args()
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = True
-    bert = BertModel(BertConfig()).to(dev, dtype).eval()
-    swin = SwinModel(SwinConfig(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])).to(dev, dtype).eval()
+    if args.tiny:
+        text_cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+        image_cfg = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8])
+    else:  # bert-base and swin-base (patch4-window7-224)
+        text_cfg = BertConfig()
+        image_cfg = SwinConfig(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])
+    bert = BertModel(text_cfg).to(dev, dtype).eval()
+    swin = SwinModel(image_cfg).to(dev, dtype).eval()
     ids = torch.randint(1000, 30000, (args.text_batch, args.tokens), device=dev)
     mask = torch.ones_like(ids)
     pixels = torch.randn(args.image_batch, 3, 224, 224, device=dev, dtype=dtype)
@@ -53,7 +60,8 @@ def main() -> None:
         t_img = timed(lambda: swin(pixel_values=pixels).pooler_output, args.steps, dev)
     res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "dtype": str(dtype),
            "texts_per_s": round(args.text_batch / t_text, 1), "images_per_s": round(args.image_batch / t_img, 1),
-           "text_batch": args.text_batch, "tokens": args.tokens, "image_batch": args.image_batch}
+           "text_batch": args.text_batch, "tokens": args.tokens, "image_batch": args.image_batch,
+           "encoders": "tiny" if args.tiny else "bert-base, swin-base"}
     print(json.dumps(res, indent=2))
     out = Path(__file__).parent / "results" / f"encoders_{dev.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

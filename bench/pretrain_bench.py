@@ -73,7 +73,8 @@ def make_domain(work: Path, n_items: int, seed: int = 0) -> Path:
 
 
 def run_one(work: Path, n_items: int, loss: str, processes: int, batch: int, steps: int, device: str,
-            features_on: str = "auto") -> dict:
+            features_on: str = "auto", extra: tuple[str, ...] | list[str] = ()) -> dict:
+    """One launch of the real entry point; `extra` are more key=value options (model settings)."""
     name = f"Bench{n_items}"
     kind, _, k = loss.partition(":")
     run = f"{name}-{kind}{k}-p{processes}-{features_on}"
@@ -83,6 +84,7 @@ def run_one(work: Path, n_items: int, loss: str, processes: int, batch: int, ste
             "tracker=none", "progress=false", "log_every=1", "num_workers=1", f"features_on={features_on}"]
     if k:
         args.append(f"n_negatives={k}")
+    args += list(extra)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes))}
     if device == "cpu":
         env["ACCELERATE_USE_CPU"] = "1"
@@ -110,6 +112,8 @@ def run_one(work: Path, n_items: int, loss: str, processes: int, batch: int, ste
             # the largest sample over the steps and over every rank
             "peak_anon_rss_gib_any_rank": round(max(r.get("mem/max_over_ranks/rss_anon_mib", 0)
                                                     for r in train) / 1024, 2),
+            "peak_cuda_mib": max(r.get("mem/cuda_max_allocated_mib", 0) for r in train),
+            "loss_paths": sorted({r.get("loss_path", "") for r in train}),
             "wall_s": round(time.time() - t0, 1)}
 
 
