@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--image-batch", type=int, default=256)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", default=None, help="the JSON (default bench/results/encoders_<device>.json)")
     p.add_argument("--tiny", action="store_true", help="2-layer, 32-wide encoders: checks the path, not a figure")
     args = p.parse_args()
     dev = torch.device(args.device)
@@ -63,7 +64,7 @@ def main() -> None:
            "text_batch": args.text_batch, "tokens": args.tokens, "image_batch": args.image_batch,
            "encoders": "tiny" if args.tiny else "bert-base, swin-base"}
     print(json.dumps(res, indent=2))
-    out = Path(__file__).parent / "results" / f"encoders_{dev.type}.json"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"encoders_{dev.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
 

@@ -116,12 +116,13 @@ def part_relearn(device: str, size: dict, work: Path, tiny: bool) -> dict:
             "wall_s": round(time.time() - t0, 1)}
 
 
-def part_encoders(device: str, size: dict) -> dict:
+def part_encoders(device: str, size: dict, work: Path) -> dict:
+    out = work / "encoders.json"
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "encoder_throughput.py"), "--device", device,
-                          *size["encoders"]], cwd=ROOT, capture_output=True, text=True)
+                          "--out", str(out), *size["encoders"]], cwd=ROOT, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"encoder throughput failed:\n{res.stderr[-3000:]}")
-    return json.loads((ROOT / "bench" / "results" / f"encoders_{device}.json").read_text())
+    return json.loads(out.read_text())
 
 
 def main() -> int:
@@ -144,7 +145,7 @@ def main() -> int:
     parts = {"precision": lambda: part_precision(args.device, work),
              "pretrain": lambda: part_pretrain(args.device, size, work, args.tiny),
              "relearn": lambda: part_relearn(args.device, size, work, args.tiny),
-             "encoders": lambda: part_encoders(args.device, size)}
+             "encoders": lambda: part_encoders(args.device, size, work)}
     if args.only:
         unknown = set(args.only.split(",")) - set(parts)
         if unknown:
