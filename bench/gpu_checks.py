@@ -55,7 +55,8 @@ def paper_pretrain_options(tiny: bool) -> list[str]:
     opts = {k: paper[k] for k in keys if k in paper}
     if tiny:
         opts["hidden"] = 32
-    return [f"{k}={v}" for k, v in opts.items()]
+    # bf16 is what precision=auto picks on a GPU; said explicitly so the CPU run takes the same path
+    return [f"{k}={v}" for k, v in opts.items()] + ["precision=bf16"]
 
 
 def part_precision(device: str, out_dir: Path) -> dict:
@@ -95,7 +96,7 @@ def part_relearn(device: str, size: dict, work: Path, tiny: bool) -> dict:
            f"batch_size={size['relearn_batch']}", f"max_steps={size['relearn_steps']}", "eval_users=500",
            "log_every=1", f"out={work / 'runs'}", f"run_name={run}", "resume=never", "tracker=none",
            "progress=false", "num_workers=1",
-           *[o for o in paper_pretrain_options(tiny) if o.split("=")[0] in ARCHITECTURE]]
+           *[o for o in paper_pretrain_options(tiny) if o.split("=")[0] in (*ARCHITECTURE, "precision")]]
     if "exact_chunk" in size:
         cmd.append(f"exact_chunk={size['exact_chunk'] // 4}")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"} if device == "cpu" else dict(os.environ)
