@@ -123,7 +123,7 @@ def load_config(cls: type[T], config_file: Optional[str | Path] = None,
             path = Path(config_file)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _load_yaml(path))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
@@ -137,6 +137,21 @@ def load_config(cls: type[T], config_file: Optional[str | Path] = None,
         msg = str(exc).splitlines()[0]
         key = getattr(exc, "full_key", None)
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
+
+
+def _load_yaml(path: Path):
+    """The file as an OmegaConf node; a YAML syntax error becomes one line: file, line, column."""
+    import yaml
+
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML at {where}: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -6,14 +6,53 @@ from ant_dist.data.cleaning import (cap_text, clean_text, item_text, normalise_p
                                     safe_key, unsafe_key, validate_price)
 
 
-@pytest.mark.parametrize("raw,expected", [
-    ("$1,299.99", 1299.99), ("$10.99 - $24.99", 17.99), ("12", 12.0), (7, 7.0), (3.5, 3.5),
-    ("", None), ("N/A", None), (None, None), (".a-box-inner{background-color:#fff}", None),
-    ("-5", -5.0), ("$-5.00", -5.0), (float("nan"), None), (True, None),
-])
+BAD = "bad"  # a price that is there but not unambiguous: null, counted as bad_price
+
+# One row per row of the table "Prices" in docs/data.md, in its order.
+PRICE_RULES = [
+    (12, 12.0), (3.5, 3.5), (float("inf"), BAD), (float("nan"), BAD), (None, None), (True, None),
+    ("", None), ("N/A", None), ("null", None),
+    ("12", 12.0), ("12.99", 12.99), ("12,99", 12.99), (".99", 0.99),
+    ("$12.99", 12.99), ("€12,99", 12.99), ("12,99 €", 12.99), ("USD 7", 7.0), ("5 EUR", 5.0), ("US$3", 3.0),
+    ("$1,299.99", 1299.99), ("EUR 1.299,50", 1299.5), ("1 299,00 €", 1299.0), ("1'299.00", 1299.0),
+    ("1,299,000", 1299000.0), ("1.299.000", 1299000.0),
+    ("1,299", BAD), ("1.299", 1.299),
+    ("1.5e3", 1500.0), ("1e400", BAD),
+    ("$10.99 - $24.99", 17.99), ("10 to 20", 15.0),
+    ("-5", -5.0), ("$-5.00", -5.0),
+    ("12.5.3", BAD), ("nan", BAD), ("from 3.00", 3.0), ("Call for price", BAD), (".a-box-inner{background-color:#fff}", BAD),
+]
+
+
+@pytest.mark.parametrize("raw,expected", PRICE_RULES)
 def test_parse_price(raw, expected):
     got = parse_price(raw)
-    assert (got is None and expected is None) or math.isclose(got, expected)
+    if expected is None:
+        assert got is None
+    elif expected == BAD:
+        assert got is not None and math.isnan(got)
+        assert validate_price(got, 1e6) == (None, "bad_price")
+    else:
+        assert got == pytest.approx(expected)
+
+
+def test_price_table_in_the_docs_is_the_tested_one():
+    """docs/data.md's price table lists exactly these inputs and results."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    table = text[text.index("| price field |"):].split("\n\n", 1)[0].splitlines()[2:]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    documented = [(raw.strip("`"), stored) for raw, stored, _rule in cells]
+    assert documented == [(_doc_input(raw), _doc_result(want)) for raw, want in PRICE_RULES]
+
+
+def _doc_input(raw):
+    return f'"{raw}"' if isinstance(raw, str) else repr(raw)
+
+
+def _doc_result(want):
+    return {None: "null", BAD: "null, counted `bad_price`"}.get(want, None) if want in (None, BAD) else repr(want)
 
 
 def test_validate_price():

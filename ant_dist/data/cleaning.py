@@ -12,7 +12,6 @@ from typing import Any, Iterable, Optional
 
 _TAG = re.compile(r"<[^>]{0,200}>")
 _SPACE = re.compile(r"\s+")
-_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?|\.\d+")
 _SAFE_KEY_CHAR = re.compile(r"[A-Za-z0-9_-]")
 
 
@@ -68,30 +67,82 @@ def item_text(title: Any, categories: Iterable[Any] | Any, brand: Any, max_chars
     return cap_text(" ".join(p for p in parts if p), max_chars)
 
 
-def parse_price(value: Any) -> Optional[float]:
-    """A price in currency units from a number or a string, or None when there is none.
+# A price field: currency marks around a number, or a range of two. See docs/data.md ("Prices")
+# for the rules as a table; tests/test_cleaning.py checks each row.
+_CURRENCY = re.compile(r"^(?:[A-Z]{3}|US\$|[$€£¥₹])\s*|\s*(?:[A-Z]{3}|[$€£¥₹])$", re.IGNORECASE)
+_UNKNOWN_PRICE = {"", "n/a", "na", "none", "null", "-", "unknown"}
+_RANGE = re.compile(r"^(.+?)\s+(?:-|–|to)\s+(.+)$")
+_SCIENTIFIC = re.compile(r"^\d+(?:\.\d+)?[eE][+-]?\d+$")
+_GROUPED = re.compile(r"^\d{1,3}(?:([,. '\u00a0\u202f])\d{3})+$")  # thousands groups only
+BAD_PRICE = float("nan")
 
-    Rules: "$1,299.99" -> 1299.99 (thousands separators dropped); a range
-    "$10.99 - $24.99" -> the midpoint 17.99; anything without a number ("", "N/A",
-    ".a-box-inner{...}" CSS junk seen in Amazon 2018) -> None. A leading minus sign is
-    kept so that negative prices can be detected (and rejected) by `validate_price`.
+
+def _amount(text: str) -> float:
+    """One amount without currency marks, or BAD_PRICE when it is ambiguous or not a number."""
+    if _SCIENTIFIC.fullmatch(text):
+        value = float(text)
+        return value if math.isfinite(value) else BAD_PRICE
+    if text.isdigit():
+        return float(text)
+    grouped = _GROUPED.fullmatch(text)
+    if grouped:  # digits in groups of three and nothing else
+        mark = grouped.group(1)
+        if text.count(mark) > 1 or mark not in ",.":  # "1,299,000", "1.299.000", "1 299"
+            return float(re.sub(r"\D", "", text))
+        if mark == ",":
+            return BAD_PRICE  # "1,299": 1299 with a thousands comma, or 1.299 with a decimal comma
+        # "1.299": a point is a decimal point when it stands alone (the common reading)
+    last = max(text.rfind("."), text.rfind(","))
+    head, sep, tail = text[:last], text[last:last + 1], text[last + 1:]
+    if not tail.isdigit():
+        return BAD_PRICE
+    if not head:
+        head = "0"  # ".99"
+    elif not head.isdigit():
+        groups = _GROUPED.fullmatch(head)
+        if not groups or groups.group(1) == sep:  # "12.5.3", "1,2,3": groups must use another mark
+            return BAD_PRICE
+        head = re.sub(r"\D", "", head)
+    return float(f"{head}.{tail}")
+
+
+def parse_price(value: Any) -> Optional[float]:
+    """A price in currency units; None when the field holds none; BAD_PRICE (NaN) when it holds
+    something that is not an unambiguous price (`validate_price` then counts it as bad_price).
+
+    Numbers: finite ones as they are. Strings: currency marks before or after ($, €, £, ¥, ₹,
+    US$, or a 3-letter code such as USD or EUR) are dropped; a decimal comma or point; thousands
+    groups of the other mark, or of spaces or apostrophes ("1.299,50", "1,299.99", "1 299,00");
+    scientific notation ("1.5e3"); a range "A - B" is its midpoint; a leading minus is kept for
+    `validate_price` to reject; a leading "from" is dropped. "1,299" (one comma, three digits) is
+    ambiguous and bad.
     """
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value) if math.isfinite(value) else None
+        return float(value) if math.isfinite(value) else BAD_PRICE
     if not isinstance(value, str):
-        return None
+        return BAD_PRICE
     text = value.strip()
-    if not text or "{" in text:  # CSS fragments in the 2018 dump
+    if text.lower() in _UNKNOWN_PRICE:
         return None
-    numbers = [float(n.replace(",", "")) for n in _NUMBER.findall(text)]
-    if not numbers or len(numbers) > 2:
-        return None
-    price = sum(numbers) / len(numbers)
-    if text.lstrip("$€£ ").startswith("-") and len(numbers) == 1:
-        price = -price
-    return price
+    both = _RANGE.fullmatch(text)
+    if both:
+        low, high = parse_price(both.group(1)), parse_price(both.group(2))
+        if low is None or high is None or math.isnan(low) or math.isnan(high) or low < 0 or high < 0:
+            return BAD_PRICE
+        return (low + high) / 2
+    if text[:5].lower() == "from ":  # a lower bound ("from 3.00", seen in Amazon 2023): taken as the price
+        text = text[5:].strip()
+    sign = 1.0
+    for _ in range(3):  # marks and a sign in any order: "-$5", "$-5.00", "5 EUR"
+        if text.startswith("-"):
+            sign, text = -sign, text[1:].strip()
+        text = _CURRENCY.sub("", text).strip()
+    if not text or not (text[0].isdigit() or text[0] == "."):
+        return BAD_PRICE
+    amount = _amount(text.replace("\u00a0", " ").replace("\u202f", " "))
+    return sign * amount if not math.isnan(amount) else BAD_PRICE
 
 
 def validate_price(price: Optional[float], max_price: float) -> tuple[Optional[float], Optional[str]]:

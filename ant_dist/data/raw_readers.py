@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from .cleaning import item_text, parse_price, validate_price
+from .decoding import MAX_TIMESTAMP, format_hint, text_columns, timestamp_ok
 from .report import BadInputLog
 
 FORMATS = ("amazon2018", "amazon2023", "table", "recbole")
@@ -159,13 +160,21 @@ def _add_item(items: dict[str, RawItem], log: BadInputLog, where: str, item_id, 
     items[item_id] = RawItem(text=text, price=price)
 
 
-def _read_table(path: Path) -> pa.Table:
-    if path.suffix == ".parquet":
-        return pq.read_table(path)
-    if path.suffix in (".csv", ".gz", ".tsv"):
-        opts = pacsv.ParseOptions(delimiter="\t" if ".tsv" in path.suffixes else ",")
-        return pacsv.read_csv(path, parse_options=opts,
-                              convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+def _read_table(path: Path, log: BadInputLog) -> pa.Table:
+    """A CSV/TSV/Parquet table; CSV fields stay text as written (ids such as 007, prices such as
+    "12,99"), each decoded on its own (decoding.py)."""
+    try:
+        if path.suffix == ".parquet":
+            return text_columns(pq.read_table(path), path, log, first_line=1)
+        if path.suffix in (".csv", ".gz", ".tsv"):
+            opts = pacsv.ParseOptions(delimiter="\t" if ".tsv" in path.suffixes else ",")
+            names = pacsv.open_csv(path, parse_options=opts).schema.names
+            convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names}, strings_can_be_null=True)
+            return text_columns(pacsv.read_csv(path, parse_options=opts, convert_options=convert), path, log,
+                                first_line=2)
+    except (pa.ArrowInvalid, OSError, EOFError) as exc:
+        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: cannot read as a table ({problem}){format_hint(path)}") from None
     raise InputError(f"{path}: expected .csv, .tsv or .parquet")
 
 
@@ -190,17 +199,19 @@ def canonical_columns(table: pa.Table, path: Path, required: tuple[str, ...], op
     missing = [c for c in required if c not in picked]
     if missing:
         accepted = "; ".join(f"{c}: {' or '.join(ALIASES[c])}" for c in missing)
+        hint = format_hint(path)
+        if hint:  # the columns of a file in another format are noise: the hint is the message
+            raise InputError(f"{path}: no column for {missing}{hint}")
         raise InputError(f"{path}: no column for {missing} (accepted names: {accepted}; or map yours with "
                          f"columns.<ours>=<yours>); the file has {names}")
     return pa.table({ours: table.column(theirs) for ours, theirs in picked.items()})
 
 
 def _read_items_table(path: Path, log: BadInputLog, *, max_text_chars: int, max_price: float, columns: dict):
-    table = canonical_columns(_read_table(path), path, ("id", "text"), ("price", "image"), columns)
-    frame = table.to_pandas()
+    table = canonical_columns(_read_table(path, log), path, ("id", "text"), ("price", "image"), columns)
+    records = table.to_pylist()  # not pandas: it turns a missing string into NaN, a "bad" price
     items: dict[str, RawItem] = {}
-    for i, row in enumerate(frame.itertuples(index=False)):
-        rec = row._asdict()
+    for i, rec in enumerate(records):
         item_id = _first_str(rec.get("id"))
         _add_item(items, log, f"{path.name}:row {i + 2}", item_id, rec.get("text"), [], None,
                   rec.get("price"), max_text_chars, max_price, drop_first_category=False)
@@ -208,12 +219,12 @@ def _read_items_table(path: Path, log: BadInputLog, *, max_text_chars: int, max_
         if item_id in items and isinstance(image, str) and image.strip():
             img = Path(image.strip())
             items[item_id].image_path = str(img if img.is_absolute() else path.parent / img)
-    return items, len(frame)
+    return items, len(records)
 
 
 def recbole_header(path: Path) -> tuple[list[str], dict[str, str]]:
     """Column names and RecBole types of an atomic file (`name:type` tab-separated header)."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         header = f.readline().rstrip("\r\n").split("\t")
     names, types = [], {}
     for field in header:
@@ -238,12 +249,12 @@ def _read_recbole_table(path: Path, log: BadInputLog) -> tuple[pa.Table, dict[st
     read = pacsv.ReadOptions(column_names=names, skip_rows=1, use_threads=False, block_size=64 << 20)
     parse = pacsv.ParseOptions(delimiter="\t", quote_char=False, invalid_row_handler=on_invalid,
                                ignore_empty_lines=True)
-    convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=True)
+    convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names}, strings_can_be_null=True)
     try:
         table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
     except (pa.ArrowInvalid, OSError, EOFError) as exc:
         raise InputError(f"{path}: cannot parse as a RecBole atomic file: {exc}") from None
-    return table, types, bad_lines
+    return text_columns(table, path, log, first_line=2), types, bad_lines
 
 
 def _read_items_recbole(path: Path, log: BadInputLog, *, max_text_chars: int, max_price: float):
@@ -298,7 +309,7 @@ def read_interactions(fmt: str, path: str | Path, log: BadInputLog, progress: bo
         return _interactions_from_csv(path, log, ["item", "user", "rating", "timestamp"], header=False)
     if fmt == "table":
         if path.suffix == ".parquet":
-            table = canonical_columns(pq.read_table(path), path, ("user", "item", "timestamp"), (), columns or {})
+            table = canonical_columns(_read_table(path, log), path, ("user", "item", "timestamp"), (), columns or {})
             return _interactions_from_table(table, path, log, lineno_offset=1, total=table.num_rows)
         return _interactions_from_csv(path, log, None, header=True, columns=columns or {})
     if fmt == "recbole":
@@ -327,8 +338,10 @@ def _interactions_from_json(path: Path, log: BadInputLog, user_key: str, item_ke
             log.skip("missing_field", f"{path.name}:{lineno}", f"no {user_key} or {item_key}")
             continue
         try:
-            ts_int = int(ts)
+            ts_int = int(ts) if not isinstance(ts, bool) else None
         except (TypeError, ValueError, OverflowError):
+            ts_int = None
+        if ts_int is None or not 0 <= ts_int < MAX_TIMESTAMP:
             log.skip("bad_timestamp", f"{path.name}:{lineno}", repr(ts))
             continue
         users.append(user)
@@ -354,12 +367,14 @@ def _interactions_from_csv(path: Path, log: BadInputLog, names: Optional[list[st
     want = ("user", "item", "timestamp")
     # ids stay strings whatever they look like ("007" is not 7); absent names are ignored
     as_text = set(names or []) | {a for c in want for a in ALIASES[c]} | set((columns or {}).values())
-    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in as_text}, strings_can_be_null=True)
+    convert = pacsv.ConvertOptions(column_types={c: pa.binary() for c in as_text}, strings_can_be_null=True)
     try:
         table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
     except (pa.ArrowInvalid, OSError, EOFError) as exc:
-        raise InputError(f"{path}: cannot parse as CSV: {exc}") from None
-    table = canonical_columns(table, path, want, (), columns or {})
+        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: cannot parse as CSV ({problem}){format_hint(path)}") from None
+    table = canonical_columns(text_columns(table, path, log, first_line=2 if header else 1), path, want, (),
+                              columns or {})
     # Line number of parsed row i: i + 1 (+1 for a header) + bad rows before it.
     return _interactions_from_table(table, path, log, lineno_offset=2 if header else 1,
                                     total=table.num_rows + len(bad_lines), bad_lines=bad_lines)
@@ -390,7 +405,7 @@ def _interactions_from_table(table: pa.Table, path: Path, log: BadInputLog, line
         return pc.fill_null(pc.greater(pc.utf8_length(arr), 0), False).to_numpy(zero_copy_only=False)
 
     fields_ok = non_empty(users) & non_empty(items)
-    ts_ok = np.isfinite(ts_values)
+    ts_ok = timestamp_ok(ts_values)
     bad_sorted = np.sort(np.asarray(bad_lines or [], dtype=np.int64))
 
     def line_of(i: int) -> int:
