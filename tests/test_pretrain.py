@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from precision_step import GRAD_RTOL, LOSS_RTOL
+
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
        "WANDB_MODE": "offline"}
@@ -126,17 +128,25 @@ def test_two_process_launch_trains_logs_and_exports(world):
         assert key in blob, key
 
 
+# loss -> (options, the loss path of a 2-process step)
+EQUIVALENCE_LOSSES = {"exact": (["loss=exact"], "exact-dense"),
+                      "exact-sharded": (["loss=exact", "exact_chunk=128"], "exact-split"),
+                      "sampled": (["loss=sampled"], "sampled"),
+                      "sampled-inbatch": (["loss=sampled", "in_batch_negatives=true"], "sampled+in-batch")}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["exact", "exact-sharded", "sampled"])
+@pytest.mark.parametrize("loss", sorted(EQUIVALENCE_LOSSES))
 def test_two_processes_step_like_one_process_on_the_joint_batch(world, loss):
     # no randomness inside the step (dropout, gate noise off; one negative set for both
     # processes), no per-process term (R_c off): then DDP with B per process must equal one
     # process with 2B, and differ clearly from one process with B. "exact" takes the dense
     # logits (the catalog fits one chunk); "exact-sharded" the chunked path, where 2 processes
-    # split the catalog between them and 1 process streams all of it
-    kind = {"exact-sharded": ["loss=exact", "exact_chunk=128"]}.get(loss, [f"loss={loss}"])
+    # split the catalog between them and 1 process streams all of it; "sampled-inbatch" adds
+    # the global batch's targets as negatives (gathered across the processes)
+    kind, path = EQUIVALENCE_LOSSES[loss]
     exact = ["gate_noise=false", "dropout=0", "irl_dropout=0", "align_weight=0", "shared_negatives=true",
-             "max_steps=2", "warmup_steps=1", *kind, "eval_users=10"]
+             "max_steps=2", "warmup_steps=1", *kind, "eval_users=10", "log_every=1"]
     one = _run(_cmd(world, f"eq1-{loss}", *exact, "batch_size=64"))
     two = _run(_cmd(world, f"eq2-{loss}", *exact, "batch_size=64", processes=2))
     half = _run(_cmd(world, f"eqh-{loss}", *exact, "batch_size=32"))
@@ -145,6 +155,21 @@ def test_two_processes_step_like_one_process_on_the_joint_batch(world, loss):
     p1, p2, ph = (_params(world / "runs" / f"eq{n}-{loss}") for n in ("1", "2", "h"))
     assert _max_diff(p1, p2) < 1e-5
     assert _max_diff(p1, ph) > 1e-3
+    assert _records(world / "runs" / f"eq2-{loss}", "train")[0]["loss_path"] == path
+
+    # the precision matrix's engine half: the same step in bf16 (the GPU default) under DDP and
+    # DeepSpeed ZeRO-2 through the real entry point; the first step's loss within bf16 rounding
+    # of the fp32 one (tolerances and their reasons: tests/precision_step.py), on the same path
+    ref = _records(world / "runs" / f"eq1-{loss}", "train")[0]
+    for engine in ("ddp", "deepspeed"):
+        run = f"eq-bf16-{engine}-{loss}"
+        res = _run(_cmd(world, run, *exact, "batch_size=64", "precision=bf16", "eval_every=-1", processes=2,
+                        engine=engine), engine=engine, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        got = _records(world / "runs" / run, "train")[0]
+        assert got["loss_path"] == path
+        assert 0 < abs(got["train/rec_loss"] - ref["train/rec_loss"]) / ref["train/rec_loss"] < LOSS_RTOL, (got, ref)
+        assert abs(got["train/grad_norm"] - ref["train/grad_norm"]) / ref["train/grad_norm"] < GRAD_RTOL, (got, ref)
 
 
 @pytest.mark.slow
