@@ -124,7 +124,7 @@ def _alignment_per_process(world_dir: str, rank: int, world: int) -> dict:
     def reference(rows: torch.Tensor) -> float:
         with torch.no_grad():
             items = model.encode_items(rows.to(DEVICE), features)
-            return float(alignment_loss(items.z_image, items.z_text, BatchFeatures(features.gather_all(rows),
+            return float(alignment_loss(items.z_image, items.z_text, BatchFeatures(features.gather_all(rows), rows,
                                                                                     DEVICE).has_image))
 
     both = torch.unique(torch.cat([rows_of(r) for r in range(world)]))

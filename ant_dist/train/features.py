@@ -109,10 +109,14 @@ def load_catalog_features(features_root: str | Path, shards_root: str | Path, na
 
 class BatchFeatures:
     """A FeatureBank over one batch's gathered rows (text, image, price, has_image as arrays or
-    tensors): gather takes batch-local indices."""
+    tensors, one entry per row of the sorted catalog rows `rows`). `gather` takes catalog rows,
+    like every FeatureBank, so the item model can read features and ID embeddings by the same
+    rows (batch-local indices gave an ID table the wrong items)."""
 
-    def __init__(self, feats: tuple, device: torch.device):
+    def __init__(self, feats: tuple, rows: torch.Tensor, device: torch.device):
         self.text, self.image, self.price, self.has_image = (torch.as_tensor(f).to(device) for f in feats)
+        self.rows = torch.as_tensor(rows).to(device)
 
-    def gather(self, local: torch.Tensor):
+    def gather(self, rows: torch.Tensor):
+        local = torch.searchsorted(self.rows, rows.to(self.rows.device))
         return self.text[local], self.image[local], self.price[local]

@@ -52,8 +52,8 @@ class TrainObjective(nn.Module):
         # one gather and one item-model pass over the batch's distinct rows (inputs, targets,
         # negatives); with memory-mapped features the loader worker already gathered them
         feats = batch["feats"] if "feats" in batch else self.features.gather_all(rows)
-        bank = BatchFeatures(feats, device)
-        items = self.model.encode_items(torch.arange(len(rows), device=device), bank)
+        bank = BatchFeatures(feats, rows, device)
+        items = self.model.encode_items(rows, bank)
         mask = batch["mask"].to(device)
         inputs, targets = batch["inputs"].to(device), batch["targets"].to(device)
         states = self.model.user_states(items.embedding[inputs] * mask.unsqueeze(-1), mask)
