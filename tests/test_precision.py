@@ -93,3 +93,32 @@ def test_alignment_loss_is_per_process(world, pretrained, tmp_path):  # noqa: F8
     for rank in got:
         assert rank["trainer"] == pytest.approx(rank["own_rows"], rel=1e-5)
         assert abs(rank["trainer"] - rank["global_rows"]) > 1e-3
+
+
+def test_evaluation_ranks_the_same_under_bf16_autocast(world):
+    # a bf16 run validates and tests its model in float32: the same weights give the same
+    # per-user ranks whether or not the caller's autocast is on
+    import torch
+
+    from ant_dist.config import PretrainConfig, load_config
+    from ant_dist.train.data import validation_users
+    from ant_dist.train.evaluate import evaluate
+    from ant_dist.train.loop import build_model
+    from precision_step import _corpus_and_features
+
+    corpus, features = _corpus_and_features(str(world), ["Food", "Home"])
+    cfg = load_config(PretrainConfig, None, ["domains=[Food,Home]", "hidden=32"])
+    torch.manual_seed(0)
+    model = build_model(cfg, features.text_dim, features.image_dim)
+    users = validation_users(corpus, 60, 0)
+
+    def ranks():
+        res = evaluate(model, features, corpus, users, "valid", cfg.max_len, True, 97, torch.device("cpu"), 0, 1,
+                       lambda x: x)
+        return {d: r["per_user"]["ndcg@50"] for d, r in res.items()}
+
+    plain = ranks()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16  # autocast really is on
+        under_autocast = ranks()
+    assert under_autocast == plain and any(v > 0 for per in plain.values() for v in per)
