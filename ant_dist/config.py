@@ -258,7 +258,7 @@ class PretrainConfig:
     gather_negatives: bool = opt(True, "all-gather negatives across processes (gradient flows back to each owner)")
     shared_negatives: bool = opt(False, "every process draws the same K negatives per step and nothing is "
                                  "gathered (a fixed negative set: used to check data-parallel equivalence)")
-    tau: float = opt(0.07, "softmax temperature")
+    tau: float = opt(0.07, "softmax temperature of the cosine score (not used by score=dot)")
     align_weight: float = opt(1e-3, "lambda, weight of the text-image alignment loss R_c (over the step's items)")
     exact_chunk: int = opt(8192, "catalog rows per chunk of the exact loss and of the evaluation")
     # optimisation
@@ -309,6 +309,9 @@ class RelearnConfig(PretrainConfig):
                     "model) | finetune (start from everything pre-trained, freeze the user model) | scratch "
                     "(the same architecture trained on the target only) | zeroshot (evaluate, no training)")
     item_repr: str = opt("irl", "irl (ANT) | id (pure-ID SASRec) | irl+id (ANT_e: IRL plus a target ID table)")
+    score: str = opt("", "how a user state scores an item: cos (cos/tau, the ANT paper) | dot (SASRec's dot "
+                     "product, tau unused) | empty: the method's paper (dot for item_repr=id, cos otherwise; "
+                     "a pre-trained model's own score for relearn/finetune/zeroshot)")
     ablate: list = opt([], "Table IV ablations: any of T (no text), I (no image), P (no price), MoE (one linear "
                        "map instead of the experts), MF (no text-image fusion)")
     method: str = opt("", "label in reports (empty: ReL, FT, GB, ANT_e, ID-SASRec or zero-shot from mode and "

@@ -1,6 +1,8 @@
 """Losses: exact full-catalog softmax (chunked), sampled softmax with logQ correction, and the
-text-image alignment regulariser. Scores are cosine similarities over a temperature, as in
-the paper (eq. 13): s(h, v) = cos(h, v) / tau.
+text-image alignment regulariser. The recommendation score is the model's `score`: `cos`,
+cosine similarity over a temperature as in the ANT paper (eq. 13), s(h, v) = cos(h, v) / tau;
+or `dot`, the plain dot product h . v of SASRec and RecBole (tau is not used). The alignment
+regulariser is always a cosine over tau (eq. 14).
 
 Item embeddings come from a callable `item_fn(rows) -> (len(rows), d)` (the IRL applied to
 those rows' features), so the full-catalog loss never materialises all item embeddings, nor
@@ -19,9 +21,26 @@ import torch.nn.functional as F
 ItemFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+SCORES = ("cos", "dot")
+
+
 def normalise(x: torch.Tensor) -> torch.Tensor:
-    """Unit vectors in float32: every score in training and evaluation is a cosine of these."""
+    """Unit vectors in float32: a cosine score is the dot product of these."""
     return F.normalize(x.float(), dim=-1)
+
+
+def score_vectors(x: torch.Tensor, score: str = "cos") -> torch.Tensor:
+    """The float32 vectors whose dot product is the score: unit vectors for cos, x itself for dot."""
+    if score == "cos":
+        return normalise(x)
+    if score == "dot":
+        return x.float()
+    raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+
+
+def temperature(score: str, tau: float) -> float:
+    """The divisor of the logits: tau for cos; 1 for dot (a dot product learns its own scale)."""
+    return tau if score == "cos" else 1.0
 
 
 def scaled_logits(hn: torch.Tensor, en: torch.Tensor, tau: float) -> torch.Tensor:
@@ -78,6 +97,7 @@ class _FullSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, targets, item_fn, start, end, chunk, tau, across_ranks, *params):
+        # h and item_fn's output are already score vectors (score_vectors)
         n = h.shape[0]
         running_max = torch.full((n,), -math.inf, device=h.device)
         running_sum = torch.zeros(n, device=h.device)
@@ -88,7 +108,7 @@ class _FullSoftmax(torch.autograd.Function):
             snapshots.append(_RNGSnapshot(h.device))
             rows = torch.arange(a, b, device=h.device)
             with torch.no_grad():
-                e = normalise(item_fn(rows))
+                e = item_fn(rows)
                 logits = scaled_logits(h, e, tau)
                 # streamed log-sum-exp: rescale the running sum to the new maximum
                 new_max = torch.maximum(running_max, logits.max(dim=1).values)
@@ -130,7 +150,7 @@ class _FullSoftmax(torch.autograd.Function):
             ctx.snapshots[i].restore()
             rows = torch.arange(a, b, device=h.device)
             with torch.enable_grad(), ctx.autocast():
-                e = normalise(ctx.item_fn(rows))
+                e = ctx.item_fn(rows)
             ed = e.detach()
             with ctx.autocast():
                 logits = scaled_logits(h, ed, ctx.tau)
@@ -158,13 +178,14 @@ DENSE_MAX_LOGITS = 2**25
 
 # ----------------------------------------------------------------------------- exact, sharded
 def _sharded_full_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, n_items: int,
-                          params: Sequence[torch.nn.Parameter], tau: float, chunk: int, most: int) -> torch.Tensor:
+                          params: Sequence[torch.nn.Parameter], tau: float, chunk: int, most: int,
+                          score: str) -> torch.Tensor:
     """Per-position exact losses of this rank's positions; this rank runs the item model over
     its 1/world slice of the catalog only. Ranks may hold different numbers of positions:
     `most`, the largest, is what every rank pads to."""
     world, rank = dist.get_world_size(), dist.get_rank()
     pad = most - h.shape[0]
-    h_pad = F.pad(normalise(h), (0, 0, 0, pad))  # padding rows: zero vectors, never selected below
+    h_pad = F.pad(score_vectors(h, score), (0, 0, 0, pad))  # padding rows: zero vectors, never selected below
     t_pad = F.pad(targets, (0, pad), value=-1)
     h_all = _AllGatherWithGrad.apply(h_pad)
     rows = [torch.empty_like(t_pad) for _ in range(world)]
@@ -178,8 +199,8 @@ def _sharded_full_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemF
 def full_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, n_items: int,
                  params: Sequence[torch.nn.Parameter], tau: float = 0.07, chunk: int = 8192,
                  reduction: str = "mean", shard_across_ranks: bool = False,
-                 path_log: Optional[list] = None) -> torch.Tensor:
-    """Exact cross entropy of cos(h, v_target)/tau against ALL n_items items.
+                 path_log: Optional[list] = None, score: str = "cos") -> torch.Tensor:
+    """Exact cross entropy of the score s(h, v_target) (cos/tau, or dot) against ALL n_items items.
 
     h: (N, d) user states (any N: flatten positions first); targets: (N,) catalog rows.
     `params` are the parameters `item_fn` depends on: the backward recomputes each chunk's
@@ -202,17 +223,24 @@ def full_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, n_item
     if dense:
         # a small catalog (a target domain): the dense logits are cheap, and plain autograd skips
         # the chunked path's second pass over the item model in backward (same value, same gradients)
-        return naive_full_softmax(h, targets, item_fn(torch.arange(n_items, device=h.device)), tau, reduction)
+        return naive_full_softmax(h, targets, item_fn(torch.arange(n_items, device=h.device)), tau, reduction,
+                                  score)
+    tau = temperature(score, tau)
+
+    def vectors(rows: torch.Tensor) -> torch.Tensor:
+        return score_vectors(item_fn(rows), score)
+
     if sharded:
-        return _reduce(_sharded_full_softmax(h, targets, item_fn, n_items, params, tau, chunk, positions), reduction)
-    loss = _FullSoftmax.apply(normalise(h), targets, item_fn, 0, n_items, chunk, tau, False, *params)
+        return _reduce(_sharded_full_softmax(h, targets, vectors, n_items, params, tau, chunk, positions, score),
+                       reduction)
+    loss = _FullSoftmax.apply(score_vectors(h, score), targets, vectors, 0, n_items, chunk, tau, False, *params)
     return _reduce(loss, reduction)
 
 
 def naive_full_softmax(h: torch.Tensor, targets: torch.Tensor, item_emb: torch.Tensor,
-                       tau: float = 0.07, reduction: str = "mean") -> torch.Tensor:
+                       tau: float = 0.07, reduction: str = "mean", score: str = "cos") -> torch.Tensor:
     """Reference: dense logits over the whole catalog (for tests and small catalogs)."""
-    logits = scaled_logits(normalise(h), normalise(item_emb), tau)
+    logits = scaled_logits(score_vectors(h, score), score_vectors(item_emb, score), temperature(score, tau))
     return F.cross_entropy(logits, targets, reduction=reduction)
 
 
@@ -312,7 +340,8 @@ def sampled_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, sam
                     in_batch_negatives: bool = False, popularity: Optional[torch.Tensor] = None,
                     gather_across_ranks: bool = False, generator: Optional[torch.Generator] = None,
                     reduction: str = "mean", negatives: Optional[torch.Tensor] = None,
-                    gather_full_gradient: bool = False, gather_in_batch: bool = False) -> torch.Tensor:
+                    gather_full_gradient: bool = False, gather_in_batch: bool = False,
+                    score: str = "cos") -> torch.Tensor:
     """Cross entropy over {target} + negatives shared by the batch, sampled from the catalog.
 
     With logQ correction, negative j's logit becomes s_j - log(K q_j): then
@@ -337,14 +366,15 @@ def sampled_softmax(h: torch.Tensor, targets: torch.Tensor, item_fn: ItemFn, sam
         neg_rows = sampler.sample(n_negatives, generator).to(device)
     # one item-model pass over the distinct rows of negatives and targets
     uniq, inverse = torch.cat([neg_rows, targets]).unique(return_inverse=True)
-    emb = normalise(item_fn(uniq))[inverse]
+    emb = score_vectors(item_fn(uniq), score)[inverse]
+    tau = temperature(score, tau)
     neg_emb, pos_emb = emb[:n_negatives], emb[n_negatives:]
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if gather_across_ranks and distributed:
         neg_emb, neg_rows = _gather_negatives(neg_emb, neg_rows, gather_full_gradient)
     k = len(neg_rows)
     q = sampler.probs.to(device)
-    hn = normalise(h)
+    hn = score_vectors(h, score)
     pos_logit = (hn * pos_emb).sum(-1, keepdim=True) / tau
     cand_rows, cand_emb = neg_rows, neg_emb
     if in_batch_negatives:

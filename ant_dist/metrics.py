@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
+from .losses import SCORES
+
 
 DEFAULT_KS = (10, 20, 50)
 PADDING_RANK = -1  # the rank returned for a user whose target is negative (padding)
@@ -103,39 +105,46 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, n_items: Optional[
 def chunked_target_ranks(users: torch.Tensor, targets: torch.Tensor,
                          item_fn: Callable[[torch.Tensor], torch.Tensor], n_items: int,
                          history: Optional[Sequence[Sequence[int]]] = None, chunk: int = 8192,
-                         tie_eps: Optional[float] = None) -> torch.Tensor:
-    """`target_ranks` of cosine scores without materialising (U x n_items): streams item chunks.
+                         tie_eps: Optional[float] = None, score: str = "cos") -> torch.Tensor:
+    """`target_ranks` of the model's scores (`score`: cos or dot, docs/model.md) without
+    materialising (U x n_items): streams item chunks.
 
     Same rules as `target_ranks` (pessimistic ties within TIE_RTOL, NaN against the target,
-    rank -1 for a negative target). Scores are computed in float64 from vectors normalised in
-    float64, whatever autocast is active, so the ranks of a given model do not depend on the
+    rank -1 for a negative target). Scores are computed in float64 from vectors (for cos,
+    normalised in float64), whatever autocast is active, so the ranks of a given model do not depend on the
     chunk width, the kernel, the number of threads or the training precision; two copies of an
     item vector tie with each other on any hardware. `item_fn(rows)` returns each row's vector.
     `tie_eps` is accepted for backward compatibility and ignored (TIE_RTOL is the rule).
     """
     del tie_eps  # superseded by TIE_RTOL (module docstring)
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     if n_items < 1:
         raise ValueError("chunked_target_ranks needs n_items >= 1")
     device = users.device
     t, real = _check_targets(targets.to(device), n_items)
     with torch.autocast(device.type, enabled=False):  # float64 ranks, whatever the caller's autocast
-        return _chunked_ranks(users, t, real, item_fn, n_items, history, min(chunk, n_items))
+        return _chunked_ranks(users, t, real, item_fn, n_items, history, min(chunk, n_items), score)
 
 
 def _chunked_ranks(users: torch.Tensor, t: torch.Tensor, real: torch.Tensor,
                    item_fn: Callable[[torch.Tensor], torch.Tensor], n_items: int,
-                   history: Optional[Sequence[Sequence[int]]], width: int) -> torch.Tensor:
+                   history: Optional[Sequence[Sequence[int]]], width: int, score: str) -> torch.Tensor:
     device = users.device
-    un = F.normalize(users.double(), dim=-1)
+
+    def vectors(x: torch.Tensor) -> torch.Tensor:  # float64 vectors whose dot product is the score
+        return F.normalize(x.double(), dim=-1) if score == "cos" else x.double()
+
+    un = vectors(users)
     n_users = len(t)
 
-    def unit_block(rows: torch.Tensor) -> torch.Tensor:
-        return F.normalize(item_fn(rows).double(), dim=-1)
+    def block_vectors(rows: torch.Tensor) -> torch.Tensor:
+        return vectors(item_fn(rows))
 
     target_score = torch.empty(n_users, dtype=torch.float64, device=device)
     for a in range(0, n_users, width):
         b = min(a + width, n_users)
-        target_score[a:b] = (un[a:b] * unit_block(t[a:b])).sum(dim=-1)
+        target_score[a:b] = (un[a:b] * block_vectors(t[a:b])).sum(dim=-1)
 
     ex_u = ex_r = None
     if history is not None:
@@ -143,7 +152,7 @@ def _chunked_ranks(users: torch.Tensor, t: torch.Tensor, real: torch.Tensor,
     ranks = torch.zeros(n_users, dtype=torch.long, device=device)
     for start in range(0, n_items, width):
         end = min(start + width, n_items)
-        s = un @ unit_block(torch.arange(start, end, device=device)).T
+        s = un @ block_vectors(torch.arange(start, end, device=device)).T
         ranked = torch.ones_like(s, dtype=torch.bool)
         here = ((t >= start) & (t < end)).nonzero(as_tuple=True)[0]
         ranked[here, t[here] - start] = False  # the target does not count against itself

@@ -4,8 +4,9 @@
     python -m ant_dist.recommend model=... domain=... history=... shards=shards_v2 features=features_v2
 
 Scoring is evaluation's (ant_dist/train/evaluate.py): every catalog item through the item model
-once, as unit vectors; the user state is SASRec's state at the last history item, read from the
-UNnormalised embeddings of the history; the score is the cosine of the two.
+once, as the model's score vectors (unit vectors for score=cos); the user state is SASRec's state
+at the last history item, read from the UNnormalised embeddings of the history; the score is the
+model's (docs/model.md): the cosine of the two, or their dot product for score=dot.
 
 Items added after training (zero-shot): repack and re-embed the domain, then pass those roots as
 shards= / features=. An IRL model (item_source=irl) scores any item from its features alone. An ID
@@ -33,7 +34,7 @@ from .config import opt, parse_cli
 from .data.feature_table import read_manifest
 from .data.pack import CATALOG
 from .data.shards import iter_shard_samples, shard_paths
-from .losses import normalise
+from .losses import score_vectors
 from .model.ant import ANT
 from .model.sasrec import SASRec
 from .train import TrainError
@@ -73,7 +74,7 @@ class Scorer:
     item_ids: list[str]            # catalog row -> original item id
     row_of: dict[str, int]         # original item id -> catalog row
     raw: torch.Tensor              # (N, d) item embeddings as the user model reads them
-    table: torch.Tensor            # (N, d) unit vectors: the scoring table
+    table: torch.Tensor            # (N, d) the scoring table: score vectors (unit vectors for score=cos)
     scoring: str                   # irl | id | irl+id | irl-only (an irl+id model on another catalog)
     new: Optional[np.ndarray]      # (N,) True = not in the catalog the model was trained on; None = unknown
     note: str                      # why the scoring is what it is, when that needs saying
@@ -100,8 +101,8 @@ class Scorer:
 
     @torch.no_grad()
     def scores(self, rows: list[int]) -> torch.Tensor:
-        """Cosine of the user state with every catalog item, (N,)."""
-        return self.table @ normalise(self.user_state(rows))
+        """The model's score (cosine, or dot product for score=dot) of every catalog item, (N,)."""
+        return self.table @ score_vectors(self.user_state(rows), self.model.cfg.score)
 
 
 def _catalog(shards_dir: Path) -> list[str]:
@@ -230,7 +231,8 @@ def load_scorer(model_dir: str, domain: str, shards: Optional[str] = None, featu
         new = np.array([i not in seen for i in item_ids])
     else:  # a domain the model never saw is all new; an unreadable training catalog: unknown
         new = np.ones(len(item_ids), dtype=bool) if domain not in config.get("domains", []) else None
-    return Scorer(model, domain, item_ids, {i: r for r, i in enumerate(item_ids)}, raw, normalise(raw), scoring,
+    return Scorer(model, domain, item_ids, {i: r for r, i in enumerate(item_ids)}, raw,
+                  score_vectors(raw, model.cfg.score), scoring,
                   new, note, shards_root / domain)
 
 

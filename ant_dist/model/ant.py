@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..losses import SCORES
 from .irl import IRL, IRLConfig, ItemOutput
 from .sasrec import SASRec, SASRecConfig
 
@@ -50,6 +51,9 @@ class ANTConfig:
     # "irl": ANT; "irl+id": ANT_e; "id": the pure-ID SASRec baseline
     item_source: str = "irl"
     n_items: int = 0  # size of the ID table when item_source uses "id"
+    # how a user state h scores an item v, in training and ranking (docs/model.md): "cos",
+    # cos(h, v)/tau, the ANT paper's eq. 13; "dot", h . v, SASRec's (and RecBole's), no tau
+    score: str = "cos"
     irl: IRLConfig = field(default_factory=IRLConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
 
@@ -59,6 +63,8 @@ class ANT(nn.Module):
         super().__init__()
         if cfg.item_source not in ("irl", "irl+id", "id"):
             raise ValueError(f"item_source must be irl, irl+id or id, got {cfg.item_source!r}")
+        if cfg.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {cfg.score!r}")
         if cfg.irl.hidden != cfg.sasrec.hidden:
             raise ValueError("IRL and SASRec hidden sizes must match")
         self.cfg = cfg

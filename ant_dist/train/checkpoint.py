@@ -192,8 +192,9 @@ def load_model(model_dir: str | Path) -> tuple[ANT, dict]:
         raise TrainError(f"{d} is not an exported model (needs model.safetensors and model_config.json)")
     config = json.loads((d / "model_config.json").read_text())
     a = config["ant"]
-    cfg = ANTConfig(item_source=a["item_source"], n_items=a["n_items"], irl=IRLConfig(**a["irl"]),
-                    sasrec=SASRecConfig(**a["sasrec"]))
+    # models exported before the score option existed all scored by cosine
+    cfg = ANTConfig(item_source=a["item_source"], n_items=a["n_items"], score=a.get("score", "cos"),
+                    irl=IRLConfig(**a["irl"]), sasrec=SASRecConfig(**a["sasrec"]))
     model = ANT(cfg)
     model.load_state_dict(load_file(str(d / "model.safetensors")))
     return model, config

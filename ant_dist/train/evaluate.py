@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..losses import normalise
+from ..losses import score_vectors
 from ..metrics import DEFAULT_KS, chunked_target_ranks, metrics_from_ranks
 from ..model.ant import ANT
 from ..model.sasrec import SASRec
@@ -26,7 +26,7 @@ def catalog_embeddings(model: ANT, features, n_items: int, chunk: int, device: t
     out = []
     for start in range(0, n_items, chunk):
         rows = torch.arange(start, min(start + chunk, n_items), device=device)
-        out.append(normalise(model.encode_items(rows, features).embedding))
+        out.append(score_vectors(model.encode_items(rows, features).embedding, model.cfg.score))
     return torch.cat(out)
 
 
@@ -48,14 +48,14 @@ def rank_users(model: ANT, features, item_table: torch.Tensor, corpus: Corpus, u
         for i, x in enumerate(inputs):
             rows[i, :len(x)] = torch.as_tensor(x, device=device)
             mask[i, :len(x)] = True
-        # the table holds unit vectors; the user model reads unnormalised item embeddings, so
+        # the table holds score vectors (unit vectors for cos); the user model reads raw item embeddings, so
         # recompute those for the inputs (cheap: only the batch's rows)
         emb = model.encode_items(rows[mask], features)
         seq = torch.zeros(*rows.shape, emb.embedding.shape[-1], device=device)
         seq[mask] = emb.embedding
         h = SASRec.last(model.user_states(seq, mask), mask)
         r = chunked_target_ranks(h, targets, lambda idx: item_table[idx], len(item_table),
-                                 history=hist if exclude_history else None, chunk=chunk)
+                                 history=hist if exclude_history else None, chunk=chunk, score=model.cfg.score)
         ranks.append(r.cpu().numpy())
     return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
 

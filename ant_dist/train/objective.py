@@ -66,7 +66,8 @@ class TrainObjective(nn.Module):
             path: list[str] = []
             per_position = full_softmax(h, target_rows, lambda r: self.model.encode_items(r, self.features).embedding,
                                         len(self.features), params, tau=self.tau, chunk=self.exact_chunk,
-                                        reduction="none", shard_across_ranks=True, path_log=path)
+                                        reduction="none", shard_across_ranks=True, path_log=path,
+                                        score=self.model.cfg.score)
             self.loss_path = f"exact-{path[0]}"
         else:
             emb = items.embedding
@@ -78,7 +79,8 @@ class TrainObjective(nn.Module):
                 h, target_rows, batch_item_fn, self.sampler, 0, tau=self.tau, logq=True,
                 in_batch_negatives=self.in_batch_negatives, popularity=self.popularity,
                 gather_across_ranks=self.gather_negatives, gather_full_gradient=True,
-                negatives=batch["negatives"].to(device), reduction="none", gather_in_batch=True)
+                negatives=batch["negatives"].to(device), reduction="none", gather_in_batch=True,
+                score=self.model.cfg.score)
             self.loss_path = "sampled" + ("+in-batch" if self.in_batch_negatives else "") + \
                 ("+gathered" if self.gather_negatives and world_size() > 1 else "")
         rec_sum = per_position.sum()

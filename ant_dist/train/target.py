@@ -11,6 +11,10 @@ an ID table over the target catalog; the table is always new, the target's items
 The architecture (sizes, experts, layers, max_len) comes from the pre-trained model when one is
 given, so GB and ID-SASRec have exactly the capacity of the transferred models; training-time
 settings (dropouts, beta, gate noise, ablations) come from the run's config.
+
+The score (`score`, docs/model.md) defaults to each method's paper: the dot product for the
+pure-ID SASRec (SASRec, RecBole), cos/tau for ANT's item model (the ANT paper, eq. 13); a run
+that starts from a pre-trained model keeps that model's score (its user model was trained with it).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import dataclasses
 from pathlib import Path
 
 from ..config import RelearnConfig
+from ..losses import SCORES
 from ..model.ant import ANT, ANTConfig
 from ..model.irl import IRLConfig
 from ..model.sasrec import SASRecConfig
@@ -57,6 +62,8 @@ def check_target_config(cfg: RelearnConfig) -> None:
         problems.append(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     if cfg.item_repr not in ITEM_REPRS:
         problems.append(f"item_repr must be one of {', '.join(ITEM_REPRS)}, got {cfg.item_repr!r}")
+    if cfg.score not in ("",) + SCORES:
+        problems.append(f"score must be cos, dot or empty (the method's own), got {cfg.score!r}")
     if cfg.mode != "scratch" and not cfg.pretrained:
         problems.append(f"mode={cfg.mode} starts from a pre-trained model: set pretrained=runs/<run>/model")
     if cfg.pretrained and not (Path(cfg.pretrained) / "model_config.json").is_file():
@@ -100,12 +107,21 @@ def _architecture(cfg: RelearnConfig, pretrained: ANT | None, text_dim: int,
     return irl, sasrec
 
 
+def model_score(cfg: RelearnConfig, pretrained: ANT | None) -> str:
+    """The run's score: as set, else a pre-trained start's own, else the method paper's (module doc)."""
+    if cfg.score:
+        return cfg.score
+    if pretrained is not None and cfg.mode != "scratch":
+        return pretrained.cfg.score
+    return "dot" if cfg.item_repr == "id" else "cos"
+
+
 def build_target_model(cfg: RelearnConfig, features, corpus) -> ANT:
     """The model of `cfg.mode`, with requires_grad set on exactly the parameters that train."""
     pretrained = load_model(cfg.pretrained)[0] if cfg.pretrained else None  # read once: shapes and weights
     irl, sasrec = _architecture(cfg, pretrained, features.text_dim, features.image_dim)
     model = ANT(ANTConfig(item_source=cfg.item_repr, n_items=corpus.n_items if "id" in cfg.item_repr else 0,
-                          irl=irl, sasrec=sasrec))
+                          score=model_score(cfg, pretrained), irl=irl, sasrec=sasrec))
     if cfg.mode == "scratch":
         return model
     weights = pretrained.state_dict()
