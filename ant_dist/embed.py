@@ -23,7 +23,6 @@ hand, marks its rows done and exits 75; a rerun continues with the rows left.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from .config import EmbedConfig, parse_cli, save_config
 from .data.feature_table import (
@@ -49,82 +48,33 @@ from .data.feature_table import (
     write_manifest,
 )
 from .data.pack import CATALOG
-from .data.shards import iter_shard_samples, shard_paths
+from .data.shards import SHARD_PATTERN, shard_paths, shard_problem
+from .embed_data import ShardItems
 from .encoders import (
+    EncoderError,
     ImageEncoder,
     TextEncoder,
-    decode_image,
     encoder_fingerprint,
     encoder_summary,
+    require_local_model,
 )
 from .locking import DirectoryLock, LockedError, acquire_dir_lock, loader_worker_init
 from .signals import flag_stop_signals
 from .teardown import close_process_group
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 EXIT_OK, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 2, 75
+
+
+VERIFY_HELP = """usage: python -m ant_dist.embed verify FEATURES/<domain> [SHARDS/<domain>]
+
+Checks one domain's feature tables: manifest, every table's header, shape, dtype and size, every
+row done, no NaN or Inf, zero image features where there is no image, and the tables against the
+shards they were embedded from (the manifest's shards_dir unless SHARDS/<domain> is given).
+Prints OK or one FAIL line per problem. Exit codes: 0 fine, 1 problems found, 2 bad usage."""
 
 
 class Stopped(Exception):
     """A stop signal arrived; this process's finished rows are marked done."""
-
-
-def _image_fields(sample: dict) -> list[str]:
-    """Keys holding image bytes: 'jpg', 'png', 'webp', or numbered ones like '1.jpg' (sorted)."""
-    return sorted(k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1] in IMAGE_EXTS)
-
-
-class ShardItems(IterableDataset):
-    """Items of this process's shards, split again across DataLoader workers, done rows skipped."""
-
-    def __init__(self, units: list[tuple[int, str]], feature_dirs: list[str], image_encoder: str,
-                 text_encoder: str, max_text_tokens: int, max_images: int):
-        self.units, self.feature_dirs = units, feature_dirs
-        self.image_encoder, self.text_encoder = image_encoder, text_encoder
-        self.max_text_tokens, self.max_images = max_text_tokens, max_images
-        self._processor = None
-        self._tokenizer = None
-
-    def _lazy(self):
-        if self._processor is None:  # loaded in the worker process, not pickled to it
-            from transformers import AutoImageProcessor, AutoTokenizer
-
-            self._processor = AutoImageProcessor.from_pretrained(self.image_encoder, local_files_only=True)
-            self._tokenizer = AutoTokenizer.from_pretrained(self.text_encoder, local_files_only=True)
-
-    def __iter__(self) -> Iterator[dict]:
-        self._lazy()
-        info = get_worker_info()
-        units = self.units if info is None else self.units[info.id::info.num_workers]
-        done = {d: np.load(Path(self.feature_dirs[d]) / "done.npy", mmap_mode="r") for d, _ in units}
-        for d, url in units:
-            for sample in iter_shard_samples(url):
-                meta = json.loads(sample["json"])
-                row = int(meta["row"])
-                if done[d][row]:
-                    continue
-                images, failed = [], 0
-                for key in _image_fields(sample)[: self.max_images]:
-                    img = decode_image(sample[key])
-                    if img is None:
-                        failed += 1
-                    else:
-                        images.append(img)
-                pixels = self._processor(images=images, return_tensors="pt")["pixel_values"] if images else None
-                yield {"domain": d, "row": row, "text": sample["txt"].decode("utf-8"), "pixels": pixels,
-                       "failed_images": failed}
-
-    def collate(self, samples: list[dict]) -> dict:
-        self._lazy()
-        tokens = self._tokenizer([s["text"] for s in samples], padding=True, truncation=True,
-                                 max_length=self.max_text_tokens, return_tensors="pt")
-        pix = [s["pixels"] for s in samples if s["pixels"] is not None]
-        owner = torch.cat([torch.full((len(s["pixels"]),), i) for i, s in enumerate(samples)
-                           if s["pixels"] is not None]) if pix else torch.zeros(0, dtype=torch.long)
-        return {"domain": torch.tensor([s["domain"] for s in samples]),
-                "row": torch.tensor([s["row"] for s in samples]),
-                "tokens": dict(tokens), "pixels": torch.cat(pix) if pix else None, "owner": owner,
-                "failed_images": sum(s["failed_images"] for s in samples)}
 
 
 def _domains(cfg: EmbedConfig) -> list[str]:
@@ -141,6 +91,20 @@ def _domains(cfg: EmbedConfig) -> list[str]:
         if not (root / n / CATALOG).is_file():
             raise FeatureTableError(f"{root / n} is not a completely packed domain (no {CATALOG})")
     return names
+
+
+def _check_inputs(cfg: EmbedConfig, domains: list[str]) -> None:
+    """Every input, before anything is loaded or written: encoder folders, then each shard (a
+    tar that ends early or lost items would otherwise leave rows silently missing)."""
+    require_local_model(cfg.text_encoder, "text_encoder")
+    require_local_model(cfg.image_encoder, "image_encoder")
+    for domain in domains:
+        shard_of = read_catalog(Path(cfg.shards) / domain).column("shard").to_numpy()
+        for s, count in zip(*np.unique(shard_of, return_counts=True)):
+            path = Path(cfg.shards) / domain / SHARD_PATTERN.format(int(s))
+            problem = shard_problem(path, int(count)) if path.is_file() else "missing"
+            if problem:
+                raise FeatureTableError(f"{path}: corrupt shard: {problem}; repack the domain (tools/pack.py)")
 
 
 def _wanted_manifest(cfg: EmbedConfig, domain: str, rows: int, text: TextEncoder, image: ImageEncoder,
@@ -163,8 +127,8 @@ def prepare_tables(cfg: EmbedConfig, domains: list[str], text: TextEncoder, imag
         catalog = read_catalog(Path(cfg.shards) / domain)
         want = _wanted_manifest(cfg, domain, catalog.num_rows, text, image, fingerprints)
         fdir = Path(cfg.out) / domain
-        have = read_manifest(fdir)
-        if have is not None and not cfg.overwrite:
+        have = None if cfg.overwrite else read_manifest(fdir)  # overwrite=true also replaces a broken one
+        if have is not None:
             if identity(have) != identity(want):
                 raise FeatureTableError(f"{fdir} was embedded differently and will not be mixed: "
                                         f"{describe_mismatch(have, want)}. Use overwrite=true to start over.")
@@ -233,8 +197,25 @@ def _run_locked(cfg: EmbedConfig, accelerator) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     domains = _domains(cfg)
-    text = TextEncoder(cfg.text_encoder, cfg.text_pooling, cfg.max_text_tokens)
-    image = ImageEncoder(cfg.image_encoder)
+    problem = [None]
+    if accelerator.is_main_process:  # one reader of every shard; the verdict goes to every process
+        try:
+            _check_inputs(cfg, domains)
+        except (FeatureTableError, EncoderError) as exc:
+            problem = [str(exc)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(problem)
+    if problem[0]:
+        raise FeatureTableError(problem[0])
+    try:
+        text = TextEncoder(cfg.text_encoder, cfg.text_pooling, cfg.max_text_tokens)
+        image = ImageEncoder(cfg.image_encoder)
+    except (OSError, ValueError) as exc:  # a folder with a config.json that still does not load
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EncoderError(f"cannot load the encoders from {cfg.text_encoder} and {cfg.image_encoder}: {first}") \
+            from None
     text.model.to(device)
     image.model.to(device)
     if accelerator.is_main_process:
@@ -378,6 +359,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args[:1] == ["verify"]:
+        if any(a in ("-h", "--help") for a in args[1:]):
+            print(VERIFY_HELP)
+            return EXIT_OK
         if len(args) not in (2, 3):
             print("usage: python -m ant_dist.embed verify FEATURES/<domain> [SHARDS/<domain>]", file=sys.stderr)
             return 2
@@ -390,7 +374,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = parse_cli(EmbedConfig, args, "python -m ant_dist.embed", __doc__)
     try:
         run(cfg)
-    except (FeatureTableError, LockedError) as exc:
+    except (FeatureTableError, LockedError, EncoderError) as exc:
         print(f"embed: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Stopped as exc:

@@ -18,6 +18,23 @@ import torch
 from PIL import Image
 
 
+class EncoderError(RuntimeError):
+    """An encoder folder is missing or is not a saved transformers model."""
+
+
+def require_local_model(path: str | Path, option: str) -> None:
+    """Refuse, in one line, an encoder folder that cannot load (before transformers tries the hub:
+    with local_files_only a missing folder otherwise ends in pages of hub tracebacks)."""
+    path = Path(path)
+    how = (f"encoders load from local folders only, nothing is downloaded: save one with "
+           f"`AutoModel.from_pretrained(NAME).save_pretrained('{path}')` plus its "
+           f"{'tokenizer' if option == 'text_encoder' else 'image processor'} (docs/embedding.md)")
+    if not path.is_dir():
+        raise EncoderError(f"{option}={path}: no such folder; {how}")
+    if not (path / "config.json").is_file():
+        raise EncoderError(f"{option}={path}: not a saved transformers model (no config.json); {how}")
+
+
 def encoder_fingerprint(path: str | Path) -> str:
     """sha256 over the folder's config and weight files (what changes the features)."""
     path = Path(path)

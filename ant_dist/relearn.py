@@ -31,6 +31,7 @@ from .config import RelearnConfig, parse_cli
 from .train.data import validation_users
 from .train.entry import is_main_process, run_stage
 from .train.evaluate import evaluate
+from .train.pretrained_arch import adopt_architecture, explicit_options
 from .train.target import ablation_names, build_target_model, check_target_config, method_label, trainable_summary
 
 METRICS_FORMAT = "ant-dist-metrics/1"
@@ -78,8 +79,13 @@ def write_results(cfg: RelearnConfig, started: float, ctx: dict) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = parse_cli(RelearnConfig, argv, "python -m ant_dist.relearn", __doc__)
+    args = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_cli(RelearnConfig, args, "python -m ant_dist.relearn", __doc__)
     started = time.time()
+
+    def prepare() -> None:
+        check_target_config(cfg)
+        adopt_architecture(cfg, explicit_options(args))  # the saved config then records what runs
 
     def done(summary: dict) -> None:
         if not is_main_process():
@@ -90,7 +96,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{cfg.select_metric} {summary['best']['value']:.4f} at epoch {summary['best']['epoch']}; "
               f"test {shown}; results: {os.path.join(cfg.out, cfg.run_name, 'metrics.json')}")
 
-    return run_stage(cfg, "relearn", done, prepare=lambda: check_target_config(cfg),
+    return run_stage(cfg, "relearn", done, prepare=prepare,
                      make_model=build_target_model, finish=lambda ctx: write_results(cfg, started, ctx))
 
 

@@ -54,9 +54,21 @@ def catalog_array(catalog, column: str, dtype) -> np.ndarray:
     return np.asarray(catalog.column(column).to_numpy(zero_copy_only=False), dtype=dtype)
 
 
+DTYPES = {"text": np.float16, "image": np.float16, "price": np.float32, "has_image": np.bool_, "done": np.bool_}
+
+
 def read_manifest(feature_dir: str | Path) -> Optional[dict]:
+    """The manifest, or None when there is none; FeatureTableError when it is not a JSON object."""
     p = Path(feature_dir) / MANIFEST
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        manifest = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise FeatureTableError(f"{p}: unreadable ({exc}); re-embed the domain (overwrite=true)") from None
+    if not isinstance(manifest, dict):
+        raise FeatureTableError(f"{p}: not a JSON object; re-embed the domain (overwrite=true)")
+    return manifest
 
 
 def write_manifest(feature_dir: str | Path, manifest: dict) -> None:
@@ -138,10 +150,41 @@ def load_features(feature_dir: str | Path, expect_shards: Optional[str | Path] =
         raise FeatureTableError(f"{d}: no {MANIFEST}; run `python -m ant_dist.embed` first")
     if not manifest.get("complete"):
         raise FeatureTableError(f"{d}: the table is incomplete (an embedding pass did not finish); rerun it")
-    if expect_shards is not None and shards_fingerprint(expect_shards) != manifest["shards_fingerprint"]:
+    if expect_shards is not None and shards_fingerprint(expect_shards) != manifest.get("shards_fingerprint"):
         raise FeatureTableError(f"{d}: built from other shards than {expect_shards}; re-embed with overwrite=true")
-    out = {n: np.load(d / f"{n}.npy", mmap_mode="r") for n in ("text", "image", "price", "has_image")}
+    out = open_checked(d, manifest)
+    if not np.asarray(out.pop("done")).all():
+        raise FeatureTableError(f"{d / 'done.npy'}: rows are missing although the manifest says complete; "
+                                f"run `python -m ant_dist.embed verify {d}` and re-embed the domain")
     out["manifest"] = manifest
+    return out
+
+
+def open_checked(d: Path, manifest: dict) -> dict:
+    """Read-only memory maps of every table, each checked against the manifest the cheap way
+    (what `verify` checks without reading the values): present, a readable .npy header, the
+    dtype and shape, and a file as long as its header says."""
+    fix = f"run `python -m ant_dist.embed verify {d}` for every check, and re-embed the domain (overwrite=true)"
+    try:
+        rows = int(manifest["rows"])
+        shapes = {"text": (rows, int(manifest["text"]["dim"])), "image": (rows, int(manifest["image"]["dim"])),
+                  "price": (rows,), "has_image": (rows,), "done": (rows,)}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FeatureTableError(f"{d / MANIFEST}: incomplete (no valid {exc}); {fix}") from None
+    out = {}
+    for name in TABLES:
+        path = d / f"{name}.npy"
+        if not path.is_file():
+            raise FeatureTableError(f"{path}: missing; {fix}")
+        try:  # no pickle is ever loaded (allow_pickle stays False); a short file fails the mmap
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FeatureTableError(f"{path}: unreadable ({problem}); {fix}") from None
+        if arr.dtype != DTYPES[name] or arr.shape != shapes[name]:
+            raise FeatureTableError(f"{path}: {arr.dtype} of shape {arr.shape}, the manifest implies "
+                                    f"{np.dtype(DTYPES[name])} of shape {shapes[name]}; {fix}")
+        out[name] = arr
     return out
 
 
@@ -149,7 +192,10 @@ def verify(feature_dir: str | Path, shards_dir: Optional[str | Path] = None, blo
     """Problems found in a feature table (empty list = fine)."""
     d = Path(feature_dir)
     problems: list[str] = []
-    manifest = read_manifest(d)
+    try:
+        manifest = read_manifest(d)
+    except FeatureTableError as exc:
+        return [str(exc)]
     if manifest is None:
         return [f"no {MANIFEST} in {d}"]
     if not manifest.get("complete"):

@@ -116,6 +116,26 @@ def shard_paths(domain_dir: str | Path) -> list[str]:
     return sorted(str(p) for p in Path(domain_dir).glob("items-*.tar"))
 
 
+def shard_problem(path: str | Path, expected_items: int) -> Optional[str]:
+    """What is wrong with a shard file, or None: it must read as a tar to its end and hold
+    `expected_items` samples (a sample per item, each with its json). Headers only: cheap."""
+    import tarfile
+
+    keys, with_json = set(), set()
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                keys.add(key)
+                if ext == "json":
+                    with_json.add(key)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        return f"not a readable tar file ({type(exc).__name__}: {exc})"
+    if len(keys) != expected_items or len(with_json) != expected_items:
+        return f"holds {len(with_json)} complete item(s), the catalog lists {expected_items} in it"
+    return None
+
+
 def _all_shards(urls):
     return urls
 

@@ -41,6 +41,7 @@ from .data import Corpus, EpochBatches, epoch_batches, epoch_order, read_domain,
 from .evaluate import evaluate
 from .features import load_catalog_features
 from .objective import TrainObjective
+from .resume_check import check_resume
 from .selection import Selection, check_metric
 from .tracking import MetricsLog, accelerate_log_with, memory_record, param_digest, start_trackers
 
@@ -216,6 +217,8 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
             total_steps = min(total_steps, cfg.max_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, total_steps, steps_per_epoch))
         ckpt = find_resume_checkpoint(run_dir, cfg.resume)
+        if ckpt is not None:
+            check_resume(ckpt, cfg)
         if deepspeed:
             ds = accelerator.state.deepspeed_plugin.deepspeed_config
             if deepspeed_resized(ckpt, world):  # ZeRO shards of another process count: re-cut on load
@@ -238,10 +241,6 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
             selection = Selection(cfg.select_metric, cfg.patience_steps, cfg.min_epochs)
         if ckpt is not None:
             saved = load_checkpoint(accelerator, objective, optimizer, scheduler, ckpt, deepspeed)
-            for key in ("seed", "batch_size", "loss"):
-                if saved["config"][key] != getattr(cfg, key):
-                    raise TrainError(f"{ckpt}: was trained with {key}={saved['config'][key]!r}, this run has "
-                                     f"{getattr(cfg, key)!r}; resume with the same value or use another run_name")
             state = {k: saved[k] for k in state}
             if selection is not None and saved.get("selection"):
                 selection = Selection.from_state(saved["selection"])

@@ -1,0 +1,68 @@
+"""Options a pre-trained model decides: refuse a differing one, record the ones that ran.
+
+With `pretrained=`, the model's shapes come from the model, so `hidden=64` on the command line
+cannot apply to a 256-wide model. Ignoring it silently (and recording `hidden: 64` in the run's
+config) would make the run folder lie about what ran. So an architecture option that the user
+set (in the YAML file or as key=value) and that differs from the model's is refused, naming both
+values; equal values are fine; and the config is then set to the model's values, so the saved
+`relearn_config.yaml` and metrics.json record what actually ran.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from . import TrainError
+from .resume_check import check_safetensors, model_fix, read_json
+
+# option -> (part of the model config, its field there)
+ARCHITECTURE = {"hidden": ("sasrec", "hidden"), "n_layers": ("sasrec", "n_layers"),
+                "n_heads": ("sasrec", "n_heads"), "max_len": ("sasrec", "max_len"),
+                "n_experts": ("irl", "n_heads")}
+
+
+def explicit_options(argv: Sequence[str]) -> set[str]:
+    """Option names set in the --config file or as key=value (what the user asked for)."""
+    args, keys = list(argv), set()
+    if "--config" in args and args.index("--config") + 1 < len(args):
+        i = args.index("--config")
+        node = OmegaConf.load(args[i + 1])  # already parsed once by parse_cli: it loads
+        keys |= set(node.keys()) if OmegaConf.is_dict(node) else set()
+        del args[i:i + 2]
+    keys |= {a.split("=", 1)[0].strip() for a in args if "=" in a and not a.startswith("-")}
+    return keys
+
+
+def adopt_architecture(cfg, explicit: Iterable[str]) -> Optional[dict]:
+    """Check `cfg.pretrained`'s files, refuse differing explicit architecture options, and set the
+    config's architecture to the model's. Returns the model config (None without pretrained=)."""
+    if not cfg.pretrained:
+        return None
+    d = Path(cfg.pretrained)
+    config = read_json(d / "model_config.json", "model config", model_fix(d))
+    check_safetensors(d / "model.safetensors", model_fix(d))
+    ant = config.get("ant")
+    if not isinstance(ant, dict):
+        raise TrainError(f"{d / 'model_config.json'}: not an ANT model config (no 'ant'); {model_fix(d)}")
+    has_irl = "irl" in str(ant.get("item_source", "irl"))
+    model_values = {}
+    for option, (part, name) in ARCHITECTURE.items():
+        if part == "irl" and not has_irl:
+            continue  # an ID model has no experts: n_experts cannot differ from anything
+        try:
+            model_values[option] = ant[part][name]
+        except (KeyError, TypeError):
+            raise TrainError(f"{d / 'model_config.json'}: no {part}.{name}; {model_fix(d)}") from None
+    explicit = set(explicit)
+    differ = [f"{k}={getattr(cfg, k)!r} but the model has {k}={v!r}" for k, v in model_values.items()
+              if k in explicit and getattr(cfg, k) != v]
+    if differ:
+        raise TrainError(f"pretrained={cfg.pretrained} fixes the architecture: {'; '.join(differ)}. Drop the "
+                         f"option (or give the model's value), or use mode=scratch without pretrained= to train "
+                         f"another architecture")
+    for k, v in model_values.items():
+        setattr(cfg, k, v)
+    return config
