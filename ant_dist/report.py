@@ -2,6 +2,11 @@
 
     python -m ant_dist.report runs/ [runs/Scientific-ReL-s1 ...] --out report/ [--metrics recall@10,ndcg@10]
                               [--alpha 0.05]
+    python -m ant_dist.report --config report.yaml [paths=[runs/] out=report/ alpha=0.05 ...]
+
+The flags are shorthands for the options below: every entry point takes --config and key=value.
+The output folder is built beside `out` and swapped in when complete: a failure leaves the
+previous report as it was.
 
 Reads every metrics.json written by `ant_dist.relearn` (format: docs/report.md), groups the runs
 by (domain, method, train_users_fraction), aggregates the seeds of a group (mean ± std over
@@ -14,7 +19,6 @@ domain evaluated on different users, a bad option); the message says which.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -25,6 +29,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from . import staging
+from .config import opt, parse_cli
+from .locking import LockedError, exclusive_dir_lock
+
 FORMAT = "ant-dist-metrics/1"
 REPORT_FORMAT = "ant-dist-report/1"
 ALL_METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "recall@50", "ndcg@50")
@@ -32,6 +40,14 @@ METHOD_ORDER = ("ID-SASRec", "zero-shot", "GB", "FT", "ReL", "ANT_e")  # table r
 TRANSFER_METHODS = ("FT", "ReL", "ANT_e")  # compared with GB in the negative-transfer table
 NT_METRICS = ("recall@10", "ndcg@10")       # the paper's Table III metrics shown by the report
 EXIT_BAD_INPUT = 2
+
+
+@dataclass
+class ReportConfig:
+    paths: list = opt("???", "run folders holding metrics.json, metrics.json files, or folders searched recursively")
+    out: str = opt("report", "output folder (report.md, report.json, PNGs)")
+    metrics: str = opt(",".join(ALL_METRICS), "comma-separated test metrics for the tables")
+    alpha: float = opt(0.05, "significance level of the paired t-tests")
 
 
 class ReportError(ValueError):
@@ -277,12 +293,25 @@ def parse_metrics(text: str) -> list[str]:
 def build_report(paths: Sequence[str], out: Path, metrics: Sequence[str], alpha: float) -> dict:
     from tqdm import tqdm
 
-    from .report_markdown import render_markdown
-    from .report_plots import write_plots
     files = find_metrics_files(paths)
     runs = [load_run(f, metrics) for f in tqdm(files, desc="report: reading runs", disable=len(files) < 50)]
     sections = build_sections(runs, metrics)
-    out.mkdir(parents=True, exist_ok=True)
+    # every input is read and checked above; only now is the output folder touched
+    with exclusive_dir_lock(out, "report"):
+        work = staging.begin(out)
+        try:
+            report = _write_report(work, runs, sections, metrics, alpha)
+        except BaseException:
+            staging.abort(work)
+            raise
+        staging.commit(out, work)
+    return report
+
+
+def _write_report(out: Path, runs: list, sections: list, metrics: Sequence[str], alpha: float) -> dict:
+    from .report_markdown import render_markdown
+    from .report_plots import write_plots
+
     report = {
         "format": REPORT_FORMAT, "alpha": alpha, "metrics": list(metrics),
         "tables": [method_table(s, metrics, alpha) for s in sections],
@@ -297,30 +326,44 @@ def build_report(paths: Sequence[str], out: Path, metrics: Sequence[str], alpha:
     return report
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ant_dist.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Format of metrics.json and what the report contains: docs/report.md.")
-    p.add_argument("paths", nargs="+", metavar="RUNS",
-                   help="run folders holding metrics.json, metrics.json files, or folders searched recursively")
-    p.add_argument("--out", default="report", help="output folder (report.md, report.json, PNGs); default: report")
-    p.add_argument("--metrics", default=",".join(ALL_METRICS),
-                   help=f"comma-separated test metrics for the tables; default: {','.join(ALL_METRICS)}")
-    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired t-tests; default 0.05")
-    return p
+def cli_overrides(argv: Sequence[str]) -> list[str]:
+    """`runs/ a/ --out DIR --alpha 0.1` -> `paths=["runs/","a/"] out=DIR alpha=0.1`; --config, key=value
+    and --help pass through."""
+    flags = {"--out": "out", "--metrics": "metrics", "--alpha": "alpha"}
+    args, out, paths, i = list(argv), [], [], 0
+    while i < len(args):
+        a = args[i]
+        name, eq, value = a.partition("=")
+        if name in flags and eq:
+            out.append(f"{flags[name]}={value}")
+        elif a in flags and i + 1 < len(args):
+            out.append(f"{flags[a]}={args[i + 1]}")
+            i += 1
+        elif a == "--config" and i + 1 < len(args):
+            out += [a, args[i + 1]]
+            i += 1
+        elif a.startswith("-") or "=" in a:
+            out.append(a)
+        else:
+            paths.append(a)
+        i += 1
+    if paths:  # JSON is YAML: paths keep their commas and colons
+        out.append(f"paths={json.dumps(paths)}")
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)  # a bad command line exits 2 (argparse)
+    args = cli_overrides(sys.argv[1:] if argv is None else argv)
+    cfg = parse_cli(ReportConfig, args, "python -m ant_dist.report", __doc__)
     try:
-        if not 0.0 < args.alpha < 1.0:
-            raise ReportError(f"--alpha must be between 0 and 1, got {args.alpha}")
-        report = build_report(args.paths, Path(args.out), parse_metrics(args.metrics), args.alpha)
-    except ReportError as exc:
+        if not 0.0 < cfg.alpha < 1.0:
+            raise ReportError(f"--alpha must be between 0 and 1, got {cfg.alpha}")
+        report = build_report([str(p) for p in cfg.paths], Path(cfg.out), parse_metrics(cfg.metrics), cfg.alpha)
+    except (ReportError, LockedError) as exc:
         print(f"report: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"report: {len(report['runs'])} run(s), {len(report['tables'])} table(s), {len(report['plots'])} plot(s) "
-          f"-> {Path(args.out) / 'report.md'}")
+          f"-> {Path(cfg.out) / 'report.md'}")
     return 0
 
 
