@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..model.ant import ANT, ANTConfig
 from ..model.irl import IRLConfig
 from ..model.sasrec import SASRecConfig
 from . import TrainError
+from .resume_check import STATE, bad_checkpoint_fix, model_fix, read_json, read_weights, torch_load
 
-STATE = "state.json"
 PREFIX = "step-"
 
 
@@ -53,7 +53,7 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def read_state(ckpt: str | Path) -> dict:
-    return json.loads((Path(ckpt) / STATE).read_text())
+    return read_json(Path(ckpt) / STATE, "checkpoint state", bad_checkpoint_fix(Path(ckpt)))
 
 
 def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -114,10 +114,15 @@ def load_checkpoint(accelerator, objective, optimizer, scheduler, ckpt: Path, de
         else:
             _load_deepspeed_resized(accelerator, objective, ckpt)
     else:
-        accelerator.unwrap_model(objective).model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu",
-                                             weights_only=True))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        fix = bad_checkpoint_fix(ckpt)
+        weights = read_weights(ckpt / "model.safetensors", fix)
+        try:
+            accelerator.unwrap_model(objective).model.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise TrainError(f"{ckpt / 'model.safetensors'}: does not fit this model "
+                             f"({str(exc).strip().splitlines()[0]}); {fix}") from None
+        optimizer.load_state_dict(torch_load(ckpt / "optimizer.pt", fix))
+    scheduler.load_state_dict(torch_load(ckpt / "scheduler.pt", bad_checkpoint_fix(ckpt)))
     return state
 
 
@@ -182,7 +187,7 @@ def load_model_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
     path = Path(model_dir) / "model.safetensors"
     if not path.is_file():
         raise TrainError(f"{model_dir} holds no exported model ({path.name} is missing)")
-    return load_file(str(path))
+    return read_weights(path, model_fix(Path(model_dir)))
 
 
 def load_model(model_dir: str | Path) -> tuple[ANT, dict]:
@@ -190,11 +195,20 @@ def load_model(model_dir: str | Path) -> tuple[ANT, dict]:
     d = Path(model_dir)
     if not (d / "model_config.json").is_file() or not (d / "model.safetensors").is_file():
         raise TrainError(f"{d} is not an exported model (needs model.safetensors and model_config.json)")
-    config = json.loads((d / "model_config.json").read_text())
-    a = config["ant"]
-    # models exported before the score option existed all scored by cosine
-    cfg = ANTConfig(item_source=a["item_source"], n_items=a["n_items"], score=a.get("score", "cos"),
-                    irl=IRLConfig(**a["irl"]), sasrec=SASRecConfig(**a["sasrec"]))
+    config = read_json(d / "model_config.json", "model config", model_fix(d))
+    try:
+        a = config["ant"]
+        # models exported before the score option existed all scored by cosine
+        cfg = ANTConfig(item_source=a["item_source"], n_items=a["n_items"], score=a.get("score", "cos"),
+                        irl=IRLConfig(**a["irl"]), sasrec=SASRecConfig(**a["sasrec"]))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise TrainError(f"{d / 'model_config.json'}: not an ANT model config ({type(exc).__name__}: {exc}); "
+                         f"{model_fix(d)}") from None
     model = ANT(cfg)
-    model.load_state_dict(load_file(str(d / "model.safetensors")))
+    weights = read_weights(d / "model.safetensors", model_fix(d))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise TrainError(f"{d / 'model.safetensors'}: does not match model_config.json "
+                         f"({str(exc).strip().splitlines()[0]}); {model_fix(d)}") from None
     return model, config
