@@ -42,8 +42,9 @@ LOCK_NAME = ".lock"
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
-def die_with_parent(expected_parent: Optional[int] = None) -> None:
-    """Ask Linux to SIGKILL this process when its parent dies. A no-op elsewhere.
+def die_with_parent(expected_parent: Optional[int] = None, signum: int = signal.SIGKILL) -> None:
+    """Ask Linux to send `signum` (SIGKILL by default) to this process when its parent dies. A
+    no-op elsewhere.
 
     Meant for the first thing a forked worker runs, e.g.
     `ctx.Pool(n, initializer=die_with_parent, initargs=(os.getpid(),))`.
@@ -65,7 +66,7 @@ def die_with_parent(expected_parent: Optional[int] = None) -> None:
         prctl = libc.prctl
         prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
         prctl.restype = ctypes.c_int
-        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        if prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
     except (OSError, AttributeError) as exc:
@@ -73,7 +74,21 @@ def die_with_parent(expected_parent: Optional[int] = None) -> None:
                       f"outlive its parent", RuntimeWarning)
         return
     if expected_parent is not None and os.getppid() != expected_parent:
-        os.kill(os.getpid(), signal.SIGKILL)  # the parent is already gone: do what the signal would
+        os.kill(os.getpid(), signum)  # the parent is already gone: do what the signal would
+
+
+def die_with_launcher() -> None:
+    """Under `accelerate launch` / torchrun, have the kernel send this process SIGTERM when the
+    launcher dies (an OOM kill, a closed terminal, a notebook restart), so that it stops like on
+    any stop signal: a checkpoint at the next step boundary, exit 75. Without it the training
+    processes are re-parented to init and go on training, holding the run folder's lock.
+
+    SIGTERM, not SIGKILL: the work since the last checkpoint is saved. A process started without
+    a launcher is left alone (its parent is a shell or a notebook, whose end is not a reason)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return
+    # read before the request: if the launcher died in between, we were already re-parented
+    die_with_parent(os.getppid(), signal.SIGTERM)
 
 
 class LockedError(RuntimeError):

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Callable
 
+from ..locking import die_with_launcher
 from ..teardown import close_process_group
 from . import TrainError
 from .loop import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, NonFiniteError, Stopped, run
@@ -27,6 +28,7 @@ def run_stage(cfg, stage: str, on_done: Callable[[dict], None], prepare: Callabl
               **hooks) -> int:
     """Run `stage`; `prepare` may raise TrainError before anything starts; `on_done(summary)` runs on
     success (on every process: print only on the main one)."""
+    die_with_launcher()  # a killed launcher then stops this process like SIGTERM does
     try:
         if prepare is not None:
             prepare()

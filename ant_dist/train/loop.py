@@ -43,7 +43,8 @@ from .features import load_catalog_features
 from .objective import TrainObjective
 from .resume_check import check_resume
 from .selection import Selection, check_metric
-from .tracking import MetricsLog, accelerate_log_with, memory_record, param_digest, start_trackers
+from .tracking import (MetricsLog, accelerate_log_with, memory_record, param_digest, start_trackers,
+                       validation_line)
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3, 75
 
@@ -279,6 +280,8 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
                                  {"stage": stage, "step": state["step"], "epoch": state["epoch"]})
                 flat[f"val/best_{cfg.select_metric}"] = selection.best_value
             accelerator.log(flat, step=state["step"])
+            if main:
+                tqdm.write(validation_line(stage, state["step"], state["epoch"], flat))
             metrics_log.write({"event": "validation", "step": state["step"], "epoch": state["epoch"], **flat,
                                "perf/validation_s": round(time.time() - t_val, 3)})
             return flat

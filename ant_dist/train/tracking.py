@@ -67,6 +67,20 @@ def start_trackers(accelerator, tracker: str, project: str, run_dir: Path, run_n
     if tracker == "wandb":
         kwargs = {"wandb": {"dir": str(run_dir), "id": wandb_run_id(run_dir), "resume": "allow", "name": run_name}}
     accelerator.init_trackers(project, config=config, init_kwargs=kwargs)
+    if tracker == "wandb" and os.environ.get("WANDB_MODE") == "offline" and accelerator.is_main_process:
+        # offline is our choice when no key is configured: say where the run went and how to upload it
+        run = accelerator.get_tracker("wandb", unwrap=True)
+        where = Path(run.dir).parent if getattr(run, "dir", None) else run_dir / "wandb"
+        print(f"W&B: offline (no API key configured); the run is in {where}; upload it with: wandb sync {where}",
+              flush=True)
+
+
+def validation_line(stage: str, step: int, epoch: int, flat: dict) -> str:
+    """One console line per validation: each domain's main figures (the log has them all)."""
+    shown = [f"{key.split('/')[1]} NDCG@10 {value:.4f}" for key, value in flat.items()
+             if key.startswith("val/") and key.endswith("/ndcg@10")]
+    best = [f"best {key.split('/best_')[1]} {value:.4f}" for key, value in flat.items() if "/best_" in key]
+    return f"{stage}: validation at step {step} (epoch {epoch}): {', '.join(shown + best)}"
 
 
 class MetricsLog:
