@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-import webdataset as wds
 from PIL import Image
 
 from .cleaning import safe_key
@@ -71,6 +70,8 @@ def write_shard(path: str, domain: str, items: list[ShardItem], index: int) -> S
     problems: list[tuple[str, str, str]] = []
     with open(tmp, "wb") as fh:
         # Fixed mtime/owner make shards byte-identical across runs.
+        import webdataset as wds  # not at the top: it imports torch (1.5 s), needed nowhere else in the packer
+
         sink = wds.TarWriter(fh, encoder=False, mtime=0.0, user="ant", group="ant", mode=0o444)
         for it in items:
             image_bytes, ext = None, None
@@ -147,6 +148,8 @@ def iter_shard_samples(urls: list[str] | str) -> Iterator[dict]:
     node and worker splitting is turned off (inside a DataLoader worker it would otherwise
     hand this worker only every n-th of the urls given).
     """
+    import webdataset as wds
+
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=_all_shards,
                              workersplitter=_all_shards)
     yield from dataset
