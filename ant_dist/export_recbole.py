@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from . import staging
 from .config import opt, parse_cli
 from .data.pack import CATALOG, INTERACTIONS, REPORT
 from .data.shards import iter_shard_samples, shard_paths
@@ -259,35 +260,46 @@ def export_domain(cfg: ExportRecboleConfig) -> dict:
     with_price = any(p is not None for p in d.prices)
     out = Path(cfg.out) / name
     with exclusive_dir_lock(out, "RecBole export"):
-        (out / RECORD).unlink(missing_ok=True)  # not a finished export until written again
-        write_inter(out / f"{name}.inter", d)
-        write_item(out / f"{name}.item", d, with_price)
-        pack_cfg = d.report.get("config", {})
-        max_seq_len = int(pack_cfg.get("max_seq_len", d.report.get("filtering", {}).get("max_seq_len", 50)))
-        options = recbole_options(max_seq_len, with_price)
-        _write_text(out / RECBOLE_YAML, "# RecBole options for this export (python -m ant_dist.export_recbole)\n"
-                    + OmegaConf.to_yaml(OmegaConf.create(options)))
-        ties = int((within_user_steps(d.timestamps, d.lengths) == 0).sum())
-        record = {
-            "dataset": name, "domain": d.report.get("domain"), "source": str(domain_dir.resolve()),
-            "files": {"inter": f"{name}.inter", "item": f"{name}.item", "recbole_config": RECBOLE_YAML},
-            "counts": {"users": len(d.lengths), "items": len(d.texts), "interactions": int(len(d.item_rows)),
-                       "items_with_price": sum(p is not None for p in d.prices)},
-            "filtering": d.report.get("filtering", {}),
-            "pack_config": pack_cfg,
-            "order": {
-                "pack_tie_break": pack_cfg.get("tie_break"),
-                "same_timestamp_ties": ties,
-                "rule": "rows are grouped by user (user-id order) and each user's rows are in the packed sequence "
-                        "order, so rows of one user with the same timestamp appear in the file in our order; "
-                        "RecBole's sorts are stable, so it reproduces our sequences exactly",
-            },
-            "text": "text:token_seq is the packed item text (title, categories, brand), split on spaces by "
-                    "RecBole; a text starting with a quote or equal to a missing-value marker gets one leading "
-                    "space. Images are not exported.",
-        }
-        _write_text(out / RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        # built beside the folder and swapped in whole: a failure leaves the previous export as it was
+        work = staging.begin(out)
+        try:
+            record = _write_export(work, name, domain_dir, d, with_price)
+        except BaseException:
+            staging.abort(work)
+            raise
+        staging.commit(out, work)
     record["out"] = str(out)
+    return record
+
+
+def _write_export(out: Path, name: str, domain_dir: Path, d, with_price: bool) -> dict:
+    write_inter(out / f"{name}.inter", d)
+    write_item(out / f"{name}.item", d, with_price)
+    pack_cfg = d.report.get("config", {})
+    max_seq_len = int(pack_cfg.get("max_seq_len", d.report.get("filtering", {}).get("max_seq_len", 50)))
+    options = recbole_options(max_seq_len, with_price)
+    _write_text(out / RECBOLE_YAML, "# RecBole options for this export (python -m ant_dist.export_recbole)\n"
+                + OmegaConf.to_yaml(OmegaConf.create(options)))
+    ties = int((within_user_steps(d.timestamps, d.lengths) == 0).sum())
+    record = {
+        "dataset": name, "domain": d.report.get("domain"), "source": str(domain_dir.resolve()),
+        "files": {"inter": f"{name}.inter", "item": f"{name}.item", "recbole_config": RECBOLE_YAML},
+        "counts": {"users": len(d.lengths), "items": len(d.texts), "interactions": int(len(d.item_rows)),
+                   "items_with_price": sum(p is not None for p in d.prices)},
+        "filtering": d.report.get("filtering", {}),
+        "pack_config": pack_cfg,
+        "order": {
+            "pack_tie_break": pack_cfg.get("tie_break"),
+            "same_timestamp_ties": ties,
+            "rule": "rows are grouped by user (user-id order) and each user's rows are in the packed sequence "
+                    "order, so rows of one user with the same timestamp appear in the file in our order; "
+                    "RecBole's sorts are stable, so it reproduces our sequences exactly",
+        },
+        "text": "text:token_seq is the packed item text (title, categories, brand), split on spaces by "
+                "RecBole; a text starting with a quote or equal to a missing-value marker gets one leading "
+                "space. Images are not exported.",
+    }
+    _write_text(out / RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
 
 

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from safetensors.torch import save_file
 
+from . import staging
 from .config import opt, parse_cli
 from .recommend import EXIT_BAD_INPUT, RecommendError, Scorer, load_scorer
 
@@ -97,7 +98,7 @@ def _occupied(out: Path) -> bool:
 
 
 def export(scorer: Scorer, out_dir: str | Path, model_dir: str, overwrite: bool = False) -> Path:
-    """Write the serving files (see the module doc) atomically: to `<out>.tmp`, then renamed."""
+    """Write the serving files (see the module doc) atomically: to `<out>.tmp`, then swapped in."""
     out = Path(out_dir)
     if _occupied(out) and not overwrite:
         raise RecommendError(f"{out} exists and is not empty; use overwrite=true to replace it")
@@ -123,11 +124,9 @@ def export(scorer: Scorer, out_dir: str | Path, model_dir: str, overwrite: bool 
     note = f"\nNote: {scorer.note}.\n" if scorer.note else ""
     (tmp / FILES[5]).write_text(README.format(domain=scorer.domain, model=model_dir, shards=scorer.shards_dir, n=n,
                                               d=d, scoring=scorer.scoring, note=note, max_len=sasrec.cfg.max_len))
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
+    if out.exists() and not out.is_dir():
         out.unlink()
-    os.replace(tmp, out)
+    staging.commit(out, tmp)  # one atomic swap: the previous export stays whole until it
     return out
 
 
