@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -49,8 +50,14 @@ def read_domain(shards_root: str | Path, name: str, item_offset: int,
         raise TrainError(f"domain {name!r}: {d} does not exist (pack it with tools/pack.py)")
     if not (d / CATALOG).is_file() or not (d / INTERACTIONS).is_file():
         raise TrainError(f"domain {name!r}: {d} is not a completely packed domain (no {CATALOG})")
-    n_items = pq.read_metadata(d / CATALOG).num_rows
-    if pq.read_metadata(d / INTERACTIONS).num_rows == 0:
+    def rows(path: Path) -> int:
+        try:
+            return pq.read_metadata(path).num_rows
+        except (OSError, pa.ArrowInvalid) as exc:  # a damaged file: a crash mid-copy, a full disk
+            raise TrainError(f"domain {name!r}: {path} is not readable Parquet ({exc}); repack the domain") from None
+
+    n_items = rows(d / CATALOG)
+    if rows(d / INTERACTIONS) == 0:
         raise TrainError(f"domain {name!r}: {d / INTERACTIONS} holds no user sequences")
     datasets.disable_progress_bars()
     try:
