@@ -53,6 +53,9 @@ def encoder_fingerprint(path: str | Path) -> str:
 
 def _load_model(path: str | Path):
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per local load is noise; a refusal must stay one line
 
     model = AutoModel.from_pretrained(str(path), local_files_only=True)
     model.eval().requires_grad_(False)
