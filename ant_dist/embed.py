@@ -82,7 +82,8 @@ def _domains(cfg: EmbedConfig) -> list[str]:
     if cfg.domains:
         names = list(cfg.domains)
     elif root.is_dir():
-        names = sorted(p.name for p in root.iterdir() if (p / CATALOG).is_file())
+        # hidden folders are a packer's work in progress (.<domain>.staging), never a domain
+        names = sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / CATALOG).is_file())
     else:
         names = []
     if not names:
