@@ -88,6 +88,37 @@ def test_each_mode_loads_freezes_and_trains_exactly_its_parameters(tmp_path, mod
     assert model.cfg.sasrec.max_len == 7 and model.cfg.sasrec.hidden == 16, "architecture of the pre-trained model"
 
 
+@pytest.mark.parametrize("mode,item_repr,score,pre_score,expect", [
+    ("scratch", "id", "", "cos", "dot"),            # SASRec's paper: the dot product
+    ("scratch", "irl", "", "dot", "cos"),           # ANT's paper (eq. 13); GB ignores the pre-trained score
+    ("scratch", "irl+id", "", "cos", "cos"),        # ANT_e
+    ("relearn", "irl+id", "", "dot", "dot"),        # a pre-trained user model keeps its score
+    ("finetune", "irl", "", "cos", "cos"),
+    ("scratch", "id", "cos", "cos", "cos"),         # an explicit setting wins
+    ("relearn", "irl", "dot", "cos", "dot"),
+])
+def test_score_defaults_to_the_methods_paper(tmp_path, mode, item_repr, score, pre_score, expect):
+    pre, _ = _pretrained_dir(tmp_path)
+    cfg_json = pre / "model_config.json"
+    config = json.loads(cfg_json.read_text())
+    config["ant"]["score"] = pre_score
+    cfg_json.write_text(json.dumps(config))
+    cfg = load_config(RelearnConfig, None, [f"pretrained={pre}", "domain=T", f"mode={mode}",
+                                            f"item_repr={item_repr}"] + ([f"score={score}"] if score else []))
+    model = build_target_model(cfg, SimpleNamespace(text_dim=12, image_dim=10), SimpleNamespace(n_items=9))
+    assert model.cfg.score == expect
+    export_model(model, tmp_path / "out", {})
+    assert load_model(tmp_path / "out")[0].cfg.score == expect, "exported and loaded with its score"
+
+
+def test_a_model_exported_before_the_score_option_loads_as_cosine(tmp_path):
+    pre, _ = _pretrained_dir(tmp_path)
+    config = json.loads((pre / "model_config.json").read_text())
+    del config["ant"]["score"]
+    (pre / "model_config.json").write_text(json.dumps(config))
+    assert load_model(pre)[0].cfg.score == "cos"
+
+
 def test_ablations_switch_off_item_model_parts(tmp_path):
     pre, _ = _pretrained_dir(tmp_path)
     cfg = load_config(RelearnConfig, None, [f"pretrained={pre}", "domain=T", "ablate=[-T,P,MoE,MF]"])
@@ -106,6 +137,7 @@ def test_ablations_switch_off_item_model_parts(tmp_path):
     (["mode=scratch"], "no target domain"),
     (["domain=T", "mode=sideways"], "mode must be"),
     (["domain=T", "mode=scratch", "select_metric=mrr"], "select_metric"),
+    (["domain=T", "mode=scratch", "score=cosine"], "score must be"),
 ])
 def test_bad_configurations_are_refused_before_training(tmp_path, capsys, args, expect):
     pre, _ = _pretrained_dir(tmp_path)
