@@ -141,6 +141,25 @@ def test_sampled_softmax_approaches_exact_loss_and_gradient():
     assert cosines[0] < cosines[2] and cosines[2] > 0.99
 
 
+@pytest.mark.parametrize("chunk", [7, 500], ids=["chunked", "dense"])
+def test_dot_score_is_cross_entropy_of_plain_dot_products_without_tau(chunk):
+    """score=dot (SASRec's): logits h . v, tau unused, on the exact (dense and chunked) and sampled paths."""
+    irl, item_fn, h, targets = _irl_setup()
+    params = list(irl.parameters())
+    emb = item_fn(torch.arange(103))
+    reference = F.cross_entropy(h @ emb.T, targets)
+    ref_grads = _grads(reference, h, params)
+    loss = full_softmax(h, targets, item_fn, 103, params, tau=0.07, chunk=chunk, score="dot")
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for got, want in zip(_grads(loss, h, params), ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert abs(naive_full_softmax(h, targets, emb, tau=0.07).item() - reference.item()) > 0.1, "cos differs"
+    # sampled: every item as a negative, no correction -> the same exact loss (a row's target is masked)
+    sampled = sampled_softmax(h, targets, item_fn, NegativeSampler(103), 0, tau=0.07, logq=False,
+                              negatives=torch.arange(103), score="dot")
+    assert sampled.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
 def test_in_batch_negatives_with_mixture_correction_also_converge():
     emb, h, targets = _random_catalog()
     exact = naive_full_softmax(h, targets, emb, tau=0.2)
