@@ -301,11 +301,25 @@ def build_report(paths: Sequence[str], out: Path, metrics: Sequence[str], alpha:
         work = staging.begin(out)
         try:
             report = _write_report(work, runs, sections, metrics, alpha)
+            _carry_over(out, work)
         except BaseException:
             staging.abort(work)
             raise
         staging.commit(out, work)
     return report
+
+
+def _carry_over(old: Path, work: Path) -> None:
+    """Files in the folder that the report does not write (reproduce's selection.json, a user's
+    notes) go along into the new folder; the report's own files (report.md, report.json, PNG
+    plots) are replaced whole, so no stale plot of an earlier report survives."""
+    import shutil
+
+    for entry in sorted(old.iterdir()) if old.is_dir() else []:
+        if entry.name in (".lock", "report.md", "report.json") or entry.suffix == ".png" or \
+                (work / entry.name).exists():
+            continue
+        (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, work / entry.name)
 
 
 def _write_report(out: Path, runs: list, sections: list, metrics: Sequence[str], alpha: float) -> dict:
