@@ -180,6 +180,8 @@ def open_checked(d: Path, manifest: dict) -> dict:
             arr = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as exc:
             problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "pickle" in problem:  # numpy's text suggests allow_pickle: never, on data from disk
+                problem = "its header declares Python objects, not a numeric table; it is not loaded"
             raise FeatureTableError(f"{path}: unreadable ({problem}); {fix}") from None
         if arr.dtype != DTYPES[name] or arr.shape != shapes[name]:
             raise FeatureTableError(f"{path}: {arr.dtype} of shape {arr.shape}, the manifest implies "
