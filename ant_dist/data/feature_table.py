@@ -185,7 +185,7 @@ def open_checked(d: Path, manifest: dict) -> dict:
             raise FeatureTableError(f"{path}: unreadable ({problem}); {fix}") from None
         if arr.dtype != DTYPES[name] or arr.shape != shapes[name]:
             raise FeatureTableError(f"{path}: {arr.dtype} of shape {arr.shape}, the manifest implies "
-                                    f"{np.dtype(DTYPES[name])} of shape {shapes[name]}; {fix}")
+                                    f"{np.dtype(DTYPES[name])} of shape {shapes[name]} ({rows} rows); {fix}")
         out[name] = arr
     return out
 
