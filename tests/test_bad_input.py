@@ -306,6 +306,8 @@ ROWS = [
         ("items.parquet",), unchanged="shards/Toy"),
     Row("pack-table-format-on-amazon-json", _repack(_amazon_json), 2,
         ("items.csv", "JSON lines", "format=amazon2018"), unchanged="shards/Toy"),
+    Row("pack-amazon-format-on-a-csv-table", _repack(None, None, "format=amazon2018"), 2,
+        ("malformed", "not JSON lines", "format=table"), unchanged="shards/Toy"),
     Row("pack-yaml-syntax-error", _yaml_error(PACK), 2, ("bad.yaml", "line 3"), unchanged="shards/Toy"),
     Row("pack-unknown-option", _repack(None, None, "min_coer=3"), 2, ("min_coer",), unchanged="shards/Toy"),
     Row("pack-non-utf8-table-text", _repack(_non_utf8_items), 0, check=_check_non_utf8),

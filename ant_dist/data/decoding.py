@@ -55,21 +55,30 @@ def timestamp_ok(seconds: np.ndarray) -> np.ndarray:
         return np.isfinite(seconds) & (seconds >= 0) & (seconds < MAX_TIMESTAMP)
 
 
-def format_hint(path: Path) -> str:
-    """' (this looks like ...; did you mean format=...?)' when the file's start gives it away."""
+def format_hint(path: Path, given: str = "table") -> str:
+    """'; this looks like ...: did you mean format=...?' when the file's start gives its format
+    away and it is not `given`; '' when it does not."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(4096)
     except OSError:
         return ""
+    json_formats = ("amazon2018", "amazon2023")
     if head[:2] == b"\x1f\x8b":
+        if given in json_formats:
+            return ""  # a gzip stream: its lines are judged by the reader
         return "; this looks gzip-compressed, as Amazon JSON lines are: did you mean format=amazon2018 or amazon2023?"
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if text[:1] == b"{":
+        if given in json_formats:
+            return ""
         return "; this looks like JSON lines: did you mean format=amazon2018 (or amazon2023)?"
     first = text.split(b"\n", 1)[0]
-    if b":token" in first or b":float" in first:
+    if (b":token" in first or b":float" in first) and given != "recbole":
         return "; this looks like a RecBole atomic file: did you mean format=recbole?"
     if text[:4] == b"PAR1":
-        return "; this looks like Parquet: name it .parquet"
+        return "; this looks like Parquet: name it .parquet" if given == "table" else \
+            "; this looks like Parquet: did you mean format=table (with a .parquet name)?"
+    if given in json_formats and text:
+        return "; this is not JSON lines: for a CSV, TSV or Parquet table use format=table"
     return ""

@@ -38,6 +38,7 @@ from ..locking import die_with_parent, exclusive_dir_lock
 from .cleaning import normalise_price
 from .filtering import (TIE_BREAKS, duplicate_mask, group_offsets, k_core_filter, most_recent, sort_interactions,
                         sorted_codes)
+from .decoding import format_hint
 from .raw_readers import FORMATS, InputError, index_images, read_interactions, read_items
 from .report import BadInputLog
 from .shards import SHARD_PATTERN, ShardItem, plan_shards, write_shard
@@ -128,8 +129,9 @@ def _pack_into(cfg: PackConfig, final: Path, out: Path, t0: float) -> dict:
     bad_fracs = {"meta": meta_bad / max(meta_records, 1), "interactions": inter_bad / max(inter.total_rows, 1)}
     worst = max(bad_fracs, key=bad_fracs.get)
     if bad_fracs[worst] > cfg.max_bad_fraction:
+        path = Path(cfg.meta if worst == "meta" else cfg.interactions)
         _fail(report, log, final, f"{bad_fracs[worst]:.1%} of {worst} records are malformed "
-                                f"(max_bad_fraction={cfg.max_bad_fraction})")
+                                f"(max_bad_fraction={cfg.max_bad_fraction}){format_hint(path, cfg.format)}")
 
     # --- interactions: known items only, exact duplicates once, k-core, time order, last N
     known = pc.is_in(inter.items, value_set=pa.array(list(items), pa.string())).to_numpy(zero_copy_only=False)
