@@ -58,7 +58,7 @@ from .encoders import (
     encoder_summary,
     require_local_model,
 )
-from .locking import DirectoryLock, LockedError, acquire_dir_lock, loader_worker_init
+from .locking import DirectoryLock, LockedError, acquire_dir_lock, die_with_launcher, loader_worker_init
 from .signals import flag_stop_signals
 from .teardown import close_process_group
 
@@ -373,6 +373,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"OK {args[1]}")
         return 1 if problems else 0
     cfg = parse_cli(EmbedConfig, args, "python -m ant_dist.embed", __doc__)
+    die_with_launcher()  # a killed `accelerate launch` stops this process like SIGTERM: rows marked, exit 75
     try:
         run(cfg)
     except (FeatureTableError, LockedError, EncoderError) as exc:
