@@ -439,3 +439,80 @@ def test_in_batch_negatives_across_ranks_equal_one_process_with_the_whole_batch(
     local = sampled_softmax(h_all[:4], t_all[:4], lambda r: emb[r], NegativeSampler(50), 0, tau=0.5,
                             negatives=negs, in_batch_negatives=True, popularity=p * 50, reduction="sum")
     assert abs(local.item() - got[0]["loss"]) > 1e-3
+
+
+# ----------------------------------------------------------------------------- precision rule
+def _bf16_product_reference(h, emb, targets, tau):
+    """Cross entropy of logits whose matrix product alone is bf16 (what autocast may do), with
+    the division by tau and the softmax in float64: what every loss must compute under bf16."""
+    hn, en = F.normalize(h.float(), dim=-1), F.normalize(emb.float(), dim=-1)
+    logits = (hn.bfloat16() @ en.bfloat16().T).double() / tau
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+@pytest.mark.parametrize("chunk", [7, 500])  # the chunked and the dense exact paths
+def test_exact_loss_under_bf16_keeps_everything_after_the_product_in_float32(chunk):
+    # with tau = 0.07 a division or a log-sum-exp left in bf16 moves the loss by ~1e-4 relative,
+    # far inside any end-to-end tolerance; against this reference it is 100x the allowed error
+    g = torch.Generator().manual_seed(0)
+    emb, h, t = torch.randn(103, 16, generator=g), torch.randn(40, 16, generator=g), torch.randint(0, 103, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = full_softmax(h, t, lambda r: emb[r], 103, [], tau=0.07, chunk=chunk, reduction="sum")
+    ref = _bf16_product_reference(h, emb, t, 0.07)
+    assert got.dtype == torch.float32
+    assert abs(got.item() - ref.item()) / ref.item() < 2e-6, (got.item(), ref.item())
+    fp32 = naive_full_softmax(h, t, emb, tau=0.07, reduction="sum")
+    assert abs(fp32.item() - ref.item()) / ref.item() > 1e-5  # the product really ran in bf16
+
+
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_sampled_loss_under_bf16_keeps_everything_after_the_product_in_float32(in_batch):
+    # the negatives' logits come from a bf16 product; logQ correction, masking and log-sum-exp in
+    # float32 (the positive logit is an element-wise product: float32 whatever autocast does)
+    g = torch.Generator().manual_seed(1)
+    emb, h, t = torch.randn(60, 16, generator=g), torch.randn(12, 16, generator=g), torch.randint(0, 60, (12,))
+    negs, pop = torch.randint(0, 60, (25,), generator=g), torch.arange(60).float() % 7 + 1
+    sampler = NegativeSampler(60, pop, alpha=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sampled_softmax(h, t, lambda r: emb[r], sampler, 0, tau=0.07, negatives=negs, reduction="none",
+                              in_batch_negatives=in_batch, popularity=pop)
+    hn, en = F.normalize(h, dim=-1).double(), F.normalize(emb, dim=-1)
+    cand = torch.cat([negs, t]) if in_batch else negs
+    neg = (hn.float().bfloat16() @ en[cand].bfloat16().T).double() / 0.07
+    expected = 25 * sampler.probs.double()[cand]
+    if in_batch:
+        expected = expected + 11 * (pop / pop.sum()).double()[cand]
+    neg = (neg - torch.log(expected)).masked_fill(cand[None] == t[:, None], -math.inf)
+    pos = (hn * en[t].double()).sum(-1, keepdim=True) / 0.07
+    ref = torch.logsumexp(torch.cat([pos, neg], 1), 1) - pos[:, 0]
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), ref, rtol=2e-6, atol=1e-6), (got - ref).abs().max()
+
+
+def test_alignment_loss_under_bf16_keeps_everything_after_the_product_in_float32():
+    g = torch.Generator().manual_seed(2)
+    zm, zt = torch.randn(30, 16, generator=g), torch.randn(30, 16, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = alignment_loss(zm, zt, torch.ones(30, dtype=torch.bool), tau=0.07)
+    ref = _bf16_product_reference(zm, zt, torch.arange(30), 0.07) / 30
+    assert abs(got.item() - ref.item()) / ref.item() < 2e-6
+
+
+def test_exact_loss_backward_recomputes_under_the_forwards_autocast():
+    # the chunked backward recomputes every chunk's item embeddings: under the forward's autocast
+    # (bf16 products), or its gradient would belong to another function than its loss
+    emb = torch.nn.Parameter(torch.randn(50, 8))
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    seen = []
+
+    def item_fn(r):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return emb[r] @ w
+
+    h = torch.randn(20, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = full_softmax(h, torch.randint(0, 50, (20,)), item_fn, 50, [emb, w], chunk=16)
+    forward_calls = len(seen)
+    loss.backward()  # outside the autocast context, as the trainer's accelerator.backward is
+    assert forward_calls == 4 and len(seen) == 8
+    assert all(seen), seen
