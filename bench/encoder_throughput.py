@@ -4,7 +4,7 @@
     python bench/encoder_throughput.py --device cpu --steps 2
 
 bert-base (12 layers, 768) on 64-token texts and swin-base (patch4-window7-224) on 224x224
-images, in bf16 autocast on GPU, inference mode. Goal on one H100/H200: >= 8,000 texts/s and
+images, weights and inputs cast to bf16 on GPU (as a frozen encoder can be), inference mode. Goal on one H100/H200: >= 8,000 texts/s and
 >= 2,500 images/s. Prints figures and writes JSON to bench/results/.
 """
 

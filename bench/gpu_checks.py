@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import pretrain_bench  # noqa: E402
 
+PART_TIMEOUT_S = 300  # a hung part fails alone instead of eating the whole device budget
 EPOCH_INTERACTIONS = 21.4e6  # the paper's four auxiliary domains (docs/reproduce.md)
 SIZES = {  # full: the sizes; tiny: every code path at toy sizes, for CI
     "full": {"items": 657_000, "batch": 2048, "steps": 20, "exact_steps": 20, "negatives": 4096,
@@ -62,9 +63,11 @@ def paper_pretrain_options(tiny: bool) -> list[str]:
 def part_precision(device: str, out_dir: Path) -> dict:
     env = {**os.environ, "ANT_TEST_DEVICE": device, "ANT_PRECISION_RESULTS_DIR": str(out_dir),
            "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    # on one GPU: the one-process matrix and the evaluation check (the 2-process cases need gloo on
+    # CPU or two GPUs: the suite runs them on CPU)
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-                          str(ROOT / "tests" / "test_precision.py"), "-k", "one_process"],
-                         env=env, cwd=ROOT, capture_output=True, text=True)
+                          str(ROOT / "tests" / "test_precision.py"), "-k", "one_process or evaluation"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=PART_TIMEOUT_S)
     if res.returncode != 0:
         raise RuntimeError(f"the precision matrix failed on {device}:\n{res.stdout[-4000:]}{res.stderr[-2000:]}")
     return {"cases": json.loads((out_dir / "precision_one_process.json").read_text()),
@@ -76,7 +79,8 @@ def part_pretrain(device: str, size: dict, work: Path, tiny: bool) -> dict:
     extra = paper_pretrain_options(tiny) + ([f"exact_chunk={size['exact_chunk']}"] if "exact_chunk" in size else [])
     out = {}
     for loss, steps in ((f"sampled:{size['negatives']}", size["steps"]), ("exact", size["exact_steps"])):
-        r = pretrain_bench.run_one(work, size["items"], loss, 1, size["batch"], steps, device, extra=extra)
+        r = pretrain_bench.run_one(work, size["items"], loss, 1, size["batch"], steps, device, extra=extra,
+                                   timeout=PART_TIMEOUT_S)
         r["epoch_minutes_over_21.4M"] = round(EPOCH_INTERACTIONS / r["positions_per_s"] / 60, 2)
         out[loss] = r
     out["goals"] = {"sampled one epoch < 5 min": out[f"sampled:{size['negatives']}"]["epoch_minutes_over_21.4M"] < 5,
@@ -101,7 +105,7 @@ def part_relearn(device: str, size: dict, work: Path, tiny: bool) -> dict:
         cmd.append(f"exact_chunk={size['exact_chunk'] // 4}")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"} if device == "cpu" else dict(os.environ)
     t0 = time.time()
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=PART_TIMEOUT_S)
     if res.returncode != 0:
         raise RuntimeError(f"relearn failed:\n{res.stderr[-3000:]}")
     recs = [json.loads(x) for x in (work / "runs" / run / "metrics.jsonl").read_text().splitlines()]
@@ -120,7 +124,8 @@ def part_relearn(device: str, size: dict, work: Path, tiny: bool) -> dict:
 def part_encoders(device: str, size: dict, work: Path) -> dict:
     out = work / "encoders.json"
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "encoder_throughput.py"), "--device", device,
-                          "--out", str(out), *size["encoders"]], cwd=ROOT, capture_output=True, text=True)
+                          "--out", str(out), *size["encoders"]], cwd=ROOT, capture_output=True, text=True,
+                         timeout=PART_TIMEOUT_S)
     if res.returncode != 0:
         raise RuntimeError(f"encoder throughput failed:\n{res.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -168,6 +173,8 @@ def main() -> int:
               f"({report['parts'][name]['seconds']} s)", flush=True)
         out.write_text(json.dumps(report, indent=1) + "\n")  # what is done so far survives a time-out
     print(json.dumps(report, indent=1))
+    if os.environ.get("OUT"):  # the device tool brings back what lies under $OUT
+        shutil.copy(out, Path(os.environ["OUT"]) / out.name)
     if failed:
         print(f"[gpu_checks] FAILED: {', '.join(failed)} (details in {out})", file=sys.stderr)
         return 1

@@ -4,12 +4,9 @@
 #   bash bench/gpu_checks.sh                      # one GPU, paper sizes (within 8 min on an H100)
 #   bash bench/gpu_checks.sh --device cpu --tiny  # every part at toy sizes (run by the test suite)
 # Needs a CUDA build of torch in the environment for --device cuda (ANT_TORCH_SPEC= bash tools/setup.sh).
-# With $OUT set (the device tool), the JSON is copied there.
+# With $OUT set (the device tool), gpu_checks.py copies its JSON there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
 if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total --format=csv; fi
-status=0
-"$PY" bench/gpu_checks.py "$@" || status=$?
-if [ -n "${OUT:-}" ]; then cp bench/results/gpu_checks_*.json "$OUT"/ 2>/dev/null || true; fi
-exit "$status"
+exec "$PY" bench/gpu_checks.py "$@"

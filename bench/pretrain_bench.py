@@ -73,7 +73,7 @@ def make_domain(work: Path, n_items: int, seed: int = 0) -> Path:
 
 
 def run_one(work: Path, n_items: int, loss: str, processes: int, batch: int, steps: int, device: str,
-            features_on: str = "auto", extra: tuple[str, ...] | list[str] = ()) -> dict:
+            features_on: str = "auto", extra: tuple[str, ...] | list[str] = (), timeout: float | None = None) -> dict:
     """One launch of the real entry point; `extra` are more key=value options (model settings)."""
     name = f"Bench{n_items}"
     kind, _, k = loss.partition(":")
@@ -97,7 +97,7 @@ def run_one(work: Path, n_items: int, loss: str, processes: int, batch: int, ste
     import shutil
     shutil.rmtree(work / "runs" / run, ignore_errors=True)
     t0 = time.time()
-    res = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, cwd=ROOT)
+    res = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
     if res.returncode != 0:
         raise SystemExit(f"{run} failed:\n{res.stderr[-3000:]}")
     recs = [json.loads(x) for x in (work / "runs" / run / "metrics.jsonl").read_text().splitlines()]

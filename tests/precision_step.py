@@ -34,18 +34,21 @@ from ant_dist.train.target import build_target_model
 # - loss: 0 < |bf16 - fp32| / fp32 < 5e-3. bf16 keeps 8 significant bits (unit round-off
 #   u = 2^-9 ~ 2e-3): a product of two rounded unit vectors is off by up to 2u, 0.06 on a logit at
 #   tau = 0.07 in the worst case, ~0.06 / sqrt(d) typically, and the loss (~log of the catalog
-#   size) moves by ~1e-4 relative; 5e-3 is 15x the largest measured and still catches softmax
-#   arithmetic left in bf16 (a logit divided by tau in bf16 is off by ~0.05-0.5 in absolute
-#   terms). "> 0" proves bf16 really ran.
-# - gradient: cosine with the fp32 gradient > 0.999 and relative error |g16 - g32| / |g32| < 5 %.
-#   The backward runs its products in bf16 too (a few u per layer, amplified by 1/tau where the
-#   softmax is peaked): 3x the largest measured error. A backward that recomputed the chunks in
-#   another precision than the forward, or kept log-sum-exps in bf16, lands well outside.
+#   size) moves by ~1e-4 relative; 5e-3 is 15x the largest measured. "> 0" proves bf16 ran.
+#   This matrix proves every path RUNS under bf16 and stays close to fp32; it cannot tell
+#   float32 softmax arithmetic from bf16 (at the first step both are ~1e-4 from fp32): the
+#   precision rule itself is tested path by path in tests/test_losses.py, against a reference
+#   whose product alone is bf16 (2e-6), including the chunked backward's autocast replay.
+# - gradient: cosine with the fp32 gradient > 0.999 and relative error |g16 - g32| / |g32| < 5 %:
+#   3x the largest measured error; a gradient of another function (a wrong term, a missing
+#   chunk, a stale recompute) lands outside.
 # - dropout and gate noise are off: their random draws depend on the dtype of the tensor they act
 #   on, so the two precisions could not share them.
 # - every case must take the path it names (dense, chunked, split across processes, ...): the
 #   chunks are smaller than the catalog where the chunked paths are meant.
-LOSS_RTOL, GRAD_COSINE, GRAD_RTOL = 5e-3, 0.999, 0.05
+# - after the compared step, BF16_STEPS more bf16 steps (AdamW) must stay finite: training, not
+#   only one forward, runs under bf16.
+LOSS_RTOL, GRAD_COSINE, GRAD_RTOL, BF16_STEPS = 5e-3, 0.999, 0.05, 3
 DEVICE = torch.device(os.environ.get("ANT_TEST_DEVICE", "cpu"))  # bench/gpu_checks.py runs it on cuda
 
 
@@ -94,7 +97,29 @@ def _step(case: dict, world_dir: str, pretrained: str, rank: int, world: int, bf
         dist.all_reduce(grads)
         grads /= world
         dist.all_reduce(rec_sum)
-    return float(rec_sum), grads.double(), objective.loss_path, batch["n_global"]
+    later = _more_steps(objective, batches, world) if bf16 else []
+    return float(rec_sum), grads.double(), objective.loss_path, batch["n_global"], later
+
+
+def _more_steps(objective: TrainObjective, batches: EpochBatches, world: int) -> list[float]:
+    """BF16_STEPS optimizer steps under bf16 after the compared one (gradients averaged over the
+    ranks as DDP does): their losses, which must stay finite."""
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    losses = []
+    for j in range(BF16_STEPS):
+        if world > 1:
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            out = objective(batches[(j + 1) % len(batches)])
+        out["loss"].backward()
+        losses.append(float(out["loss"]))
+    return losses
 
 
 def _alignment_per_process(world_dir: str, rank: int, world: int) -> dict:
@@ -145,13 +170,14 @@ def main(argv: list[str]) -> None:
             dist.all_gather_object(every, got) if world > 1 else every.__setitem__(0, got)
             results[case["name"]] = every
             continue
-        rec32, g32, path32, n_global = _step(case, world_dir, pretrained, rank, world, bf16=False)
-        rec16, g16, path16, _ = _step(case, world_dir, pretrained, rank, world, bf16=True)
+        rec32, g32, path32, n_global, _ = _step(case, world_dir, pretrained, rank, world, bf16=False)
+        rec16, g16, path16, _, later = _step(case, world_dir, pretrained, rank, world, bf16=True)
         results[case["name"]] = {
             "loss_fp32": rec32 / n_global, "loss_bf16": rec16 / n_global, "path_fp32": path32, "path_bf16": path16,
             "grad_cosine": float(torch.nn.functional.cosine_similarity(g32, g16, dim=0)),
             "grad_rel_error": float((g16 - g32).norm() / g32.norm()), "grad_params": int(g32.numel()),
-            "finite": bool(np.isfinite(rec16) and torch.isfinite(g16).all())}
+            "later_bf16_losses": later,
+            "finite": bool(np.isfinite(rec16) and torch.isfinite(g16).all() and np.isfinite(later).all())}
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)

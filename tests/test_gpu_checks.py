@@ -31,10 +31,12 @@ def test_every_part_runs_on_cpu_at_toy_sizes(tmp_path):
     assert all(p["ok"] for p in parts.values())
     precision = parts["precision"]["cases"]
     assert len(precision) == 14 and all(c["path_fp32"] == c["path_bf16"] for c in precision.values())
+    assert "2 passed" in parts["precision"]["pytest"]  # the one-process matrix and the evaluation check
     for loss in ("sampled:128", "exact"):
         r = parts["pretrain"][loss]
         assert r["steps"] == 2 and r["positions_per_s"] > 0 and r["epoch_minutes_over_21.4M"] > 0
     assert parts["pretrain"]["exact"]["loss_paths"] == ["exact-chunked"]  # the catalog is 4 chunks
+    assert parts["pretrain"]["sampled:128"]["loss_paths"] == ["sampled"]
     assert parts["relearn"]["loss_paths"] == ["exact-chunked"] and parts["relearn"]["steps"] == 3
     assert parts["encoders"]["texts_per_s"] > 0 and parts["encoders"]["images_per_s"] > 0
 

@@ -132,7 +132,7 @@ def test_two_process_launch_trains_logs_and_exports(world):
 EQUIVALENCE_LOSSES = {"exact": (["loss=exact"], "exact-dense"),
                       "exact-sharded": (["loss=exact", "exact_chunk=128"], "exact-split"),
                       "sampled": (["loss=sampled"], "sampled"),
-                      "sampled-inbatch": (["loss=sampled", "in_batch_negatives=true"], "sampled+in-batch")}
+                      "sampled-inbatch": (["loss=sampled", "in_batch_negatives=true"], "sampled+global-in-batch")}
 
 
 @pytest.mark.slow
@@ -170,6 +170,32 @@ def test_two_processes_step_like_one_process_on_the_joint_batch(world, loss):
         assert got["loss_path"] == path
         assert 0 < abs(got["train/rec_loss"] - ref["train/rec_loss"]) / ref["train/rec_loss"] < LOSS_RTOL, (got, ref)
         assert abs(got["train/grad_norm"] - ref["train/grad_norm"]) / ref["train/grad_norm"] < GRAD_RTOL, (got, ref)
+
+
+@pytest.mark.slow
+def test_bf16_engines_with_gathered_negatives_and_one_process_chunks(world):
+    # the precision matrix's cells the equivalence test cannot hold: negatives drawn per process
+    # and all-gathered (no 1-process equal, so the fp32 reference is the same 2-process DDP run),
+    # under DDP and ZeRO-2; and the chunked exact loss of ONE process under DeepSpeed's autocast
+    same = ["gate_noise=false", "dropout=0", "irl_dropout=0", "align_weight=0", "max_steps=1", "log_every=1",
+            "eval_every=-1", "checkpoint_every=0"]
+    cells = {"gathered": (["loss=sampled", "shared_negatives=false"], 2, "sampled+gathered"),
+             "chunked": (["loss=exact", "exact_chunk=128"], 1, "exact-chunked")}
+    for name, (opts, processes, path) in cells.items():
+        ref = _run(_cmd(world, f"bf16-cell-{name}-fp32", *same, *opts, processes=processes))
+        assert ref.returncode == 0, ref.stderr[-3000:]
+        fp32 = _records(world / "runs" / f"bf16-cell-{name}-fp32", "train")[0]
+        engines = ("ddp", "deepspeed") if processes == 2 else ("deepspeed",)
+        for engine in engines:
+            run = f"bf16-cell-{name}-{engine}"
+            res = _run(_cmd(world, run, *same, *opts, "precision=bf16", processes=processes, engine=engine),
+                       engine=engine, timeout=900)
+            assert res.returncode == 0, res.stderr[-3000:]
+            got = _records(world / "runs" / run, "train")[0]
+            assert fp32["loss_path"] == got["loss_path"] == path
+            rel = abs(got["train/rec_loss"] - fp32["train/rec_loss"]) / fp32["train/rec_loss"]
+            assert 0 < rel < LOSS_RTOL, (name, engine, got, fp32)
+            assert abs(got["train/grad_norm"] - fp32["train/grad_norm"]) / fp32["train/grad_norm"] < GRAD_RTOL
 
 
 @pytest.mark.slow

@@ -81,8 +81,9 @@ class TrainObjective(nn.Module):
                 gather_across_ranks=self.gather_negatives, gather_full_gradient=True,
                 negatives=batch["negatives"].to(device), reduction="none", gather_in_batch=True,
                 score=self.model.cfg.score)
-            self.loss_path = "sampled" + ("+in-batch" if self.in_batch_negatives else "") + \
-                ("+gathered" if self.gather_negatives and world_size() > 1 else "")
+            several = world_size() > 1  # in-batch candidates are then the global batch's
+            self.loss_path = "sampled" + ("+global-in-batch" if several else "+in-batch") * self.in_batch_negatives \
+                + ("+gathered" if self.gather_negatives and several else "")
         rec_sum = per_position.sum()
         if self.fail_at_step and batch["step"] + 1 == self.fail_at_step:
             rec_sum = rec_sum * torch.tensor(float("nan"), device=device)
