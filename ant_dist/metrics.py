@@ -4,15 +4,19 @@ Conventions (docs/model.md):
 - The rank of the target is pessimistic: every other ranked item whose score is >= the
   target's, within the tie tolerance, counts as ranked above it, so ties never flatter a model
   (a model that scores all items equally gets the worst rank, deterministically).
-- Ties do not depend on the hardware: a score within `TIE_RTOL * max(1, |target score|)` below
-  the target's (4 float32 ulps at 1.0, about 2.4e-7 for a cosine) is a tie. Two copies of one
+- Ties do not depend on the hardware: a score within `TIE_RTOL * scale` below the target's is a
+  tie, `scale = max(1, |target score|)`, and in the chunked ranker also at least
+  `|h| * |v_target|` (1 for cosines; the size of a dot product's rounding error). TIE_RTOL =
+  2^-22 (2 float32 ulps at 1.0, 4 just below it): about 2.4e-7 for a cosine. Two copies of one
   item vector can score a few ulps apart when the kernel accumulates columns in different orders
   (BLAS does for odd chunk widths; GPUs may anywhere), so exact equality made a duplicate a tie on
   one machine and not on another. The chunked ranker computes its scores in float64 from the
-  vectors (normalised in float64), so its own arithmetic adds ~1e-16, far inside the tolerance;
-  the tolerance absorbs float32 rounding of the vectors upstream. Scores further apart than that
-  are ranked by value; 2.4e-7 is far below any difference a float32 model can express between
-  items it really tells apart.
+  vectors (normalised in float64 for cos), so its own arithmetic adds ~1e-16, far inside the
+  tolerance; the tolerance absorbs a few ulps of float32 rounding of the vectors upstream. Scores
+  further apart than that are ranked by value. Its limit: two items with the same features give
+  the same vector only if the item model computes them alike; a deep item model run on batches
+  of different shapes may put them further apart than a few ulps on some kernels. `target_ranks`
+  ranks the scores it is given: their own rounding (float32 or bf16 from a caller) is theirs.
 - NaN counts against the target: a NaN target score ranks every other ranked item above it
   (the worst rank), and an item with a NaN score counts as above the target.
 - History exclusion: by default a user's earlier items (other than the target itself) are
@@ -38,7 +42,7 @@ from .losses import SCORES
 
 DEFAULT_KS = (10, 20, 50)
 PADDING_RANK = -1  # the rank returned for a user whose target is negative (padding)
-TIE_RTOL = 2.0 ** -22  # 4 float32 ulps at 1.0: scores this close to the target's are ties (module docstring)
+TIE_RTOL = 2.0 ** -22  # 2 float32 ulps at 1.0: scores this close to the target's are ties (module docstring)
 
 
 def _check_targets(targets: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,16 +71,21 @@ def _exclusion_pairs(history: Sequence[Sequence[int]], t: torch.Tensor, real: to
             torch.tensor(rows, dtype=torch.long, device=device))
 
 
-def tie_floor(target_score: torch.Tensor) -> torch.Tensor:
-    """The lowest score that still ties with each target: target - TIE_RTOL * max(1, |target|)."""
-    return target_score - TIE_RTOL * target_score.abs().clamp(min=1.0)
+def tie_floor(target_score: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The lowest score that still ties with each target: target - TIE_RTOL * max(1, |target|,
+    scale), `scale` the size of the score's rounding error where the vectors are known."""
+    size = target_score.abs().clamp(min=1.0)
+    if scale is not None:
+        size = torch.maximum(size, scale)
+    return target_score - TIE_RTOL * size
 
 
-def _count_above(s: torch.Tensor, target_score: torch.Tensor, ranked: torch.Tensor) -> torch.Tensor:
+def _count_above(s: torch.Tensor, target_score: torch.Tensor, ranked: torch.Tensor,
+                 scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per user, the ranked items that count above the target: score >= the target's within the
     tie tolerance (ties against the target), a NaN score, or anything at all when the target's
     score is NaN."""
-    above = (s >= tie_floor(target_score)[:, None]) | s.isnan() | target_score.isnan()[:, None]
+    above = (s >= tie_floor(target_score, scale)[:, None]) | s.isnan() | target_score.isnan()[:, None]
     return (above & ranked).sum(dim=1)
 
 
@@ -142,9 +151,12 @@ def _chunked_ranks(users: torch.Tensor, t: torch.Tensor, real: torch.Tensor,
         return vectors(item_fn(rows))
 
     target_score = torch.empty(n_users, dtype=torch.float64, device=device)
+    scale = torch.empty(n_users, dtype=torch.float64, device=device)  # |h| |v_target|: 1 for cos
     for a in range(0, n_users, width):
         b = min(a + width, n_users)
-        target_score[a:b] = (un[a:b] * block_vectors(t[a:b])).sum(dim=-1)
+        v = block_vectors(t[a:b])
+        target_score[a:b] = (un[a:b] * v).sum(dim=-1)
+        scale[a:b] = un[a:b].norm(dim=-1) * v.norm(dim=-1)
 
     ex_u = ex_r = None
     if history is not None:
@@ -159,7 +171,7 @@ def _chunked_ranks(users: torch.Tensor, t: torch.Tensor, real: torch.Tensor,
         if ex_u is not None:
             sel = (ex_r >= start) & (ex_r < end)
             ranked[ex_u[sel], ex_r[sel] - start] = False
-        ranks += _count_above(s, target_score, ranked)
+        ranks += _count_above(s, target_score, ranked, scale)
     return torch.where(real, ranks, torch.full_like(ranks, PADDING_RANK))
 
 

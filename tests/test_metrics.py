@@ -268,3 +268,22 @@ def test_padding_targets_get_rank_minus_one_and_never_read_a_column():
         target_ranks(scores, torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="n_items"):
         chunked_target_ranks(scores, torch.tensor([0, 4]), lambda r: table[r], 4)
+
+
+def test_dot_score_copies_a_few_ulps_off_tie_whatever_the_norms():
+    # score=dot: the rounding error of h . v scales with |h| |v|, not with the score; long vectors
+    # nearly orthogonal to the user have small scores and large rounding errors
+    items, users, targets = _world_with_duplicates()
+    items, users = items * 30.0, users * 20.0
+    exact = users @ items.T  # float64; exact duplicates score exactly alike
+    tol = TIE_RTOL * np.linalg.norm(users, axis=1) * np.linalg.norm(items[targets], axis=1)
+    gaps = np.abs(exact - exact[np.arange(30), targets][:, None])
+    assert ((gaps == 0) | (gaps > 40 * tol[:, None])).all()  # only the copies are within the tolerance
+    table = torch.tensor(items, dtype=torch.float32)
+    dup_rows = [i for i in range(103) if (items == items[i]).all(axis=1).sum() > 1]
+    for n, i in enumerate(dup_rows):
+        j = n % 16
+        table[i, j] = torch.nextafter(table[i, j], torch.tensor(math.inf if n % 2 else -math.inf))
+    got = chunked_target_ranks(torch.tensor(users, dtype=torch.float32), torch.tensor(targets),
+                               lambda r: table[r], 103, chunk=7, score="dot")
+    assert got.tolist() == naive_ranks(exact, targets.tolist())
