@@ -442,59 +442,70 @@ def test_in_batch_negatives_across_ranks_equal_one_process_with_the_whole_batch(
 
 
 # ----------------------------------------------------------------------------- precision rule
-def _bf16_product_reference(h, emb, targets, tau):
-    """Cross entropy of logits whose matrix product alone is bf16 (what autocast may do), with
-    the division by tau and the softmax in float64: what every loss must compute under bf16."""
-    hn, en = F.normalize(h.float(), dim=-1), F.normalize(emb.float(), dim=-1)
-    logits = (hn.bfloat16() @ en.bfloat16().T).double() / tau
-    return F.cross_entropy(logits, targets, reduction="sum")
+def _exact_in_bf16(n, seed):
+    """n vectors with four entries of +-1 in 16: unit vectors have entries +-0.5, so every cosine
+    is a multiple of 0.25, exact in bf16 whatever the kernel's accumulation order. The matrix
+    product is then the same in bf16 and fp32, and any difference from the float64 reference is
+    arithmetic after the product (a division by tau or a log-sum-exp in bf16 is off by ~1e-3)."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(n, 16)
+    for i in range(n):
+        cols = torch.randperm(16, generator=g)[:4]
+        out[i, cols] = torch.randint(0, 2, (4,), generator=g).float() * 2 - 1
+    return out
+
+
+def _float64_reference(h, emb, targets, tau):
+    hn, en = F.normalize(h.double(), dim=-1), F.normalize(emb.double(), dim=-1)
+    return F.cross_entropy(hn @ en.T / tau, targets, reduction="sum")
+
+
+def _autocast_is_on():
+    x = torch.ones(2, 2)
+    return (x @ x).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("chunk", [7, 500])  # the chunked and the dense exact paths
 def test_exact_loss_under_bf16_keeps_everything_after_the_product_in_float32(chunk):
-    # with tau = 0.07 a division or a log-sum-exp left in bf16 moves the loss by ~1e-4 relative,
-    # far inside any end-to-end tolerance; against this reference it is 100x the allowed error
-    g = torch.Generator().manual_seed(0)
-    emb, h, t = torch.randn(103, 16, generator=g), torch.randn(40, 16, generator=g), torch.randint(0, 103, (40,))
+    emb, h, t = _exact_in_bf16(103, 0), _exact_in_bf16(40, 1), torch.randint(0, 103, (40,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _autocast_is_on()
         got = full_softmax(h, t, lambda r: emb[r], 103, [], tau=0.07, chunk=chunk, reduction="sum")
-    ref = _bf16_product_reference(h, emb, t, 0.07)
+    ref = _float64_reference(h, emb, t, 0.07)
     assert got.dtype == torch.float32
     assert abs(got.item() - ref.item()) / ref.item() < 2e-6, (got.item(), ref.item())
-    fp32 = naive_full_softmax(h, t, emb, tau=0.07, reduction="sum")
-    assert abs(fp32.item() - ref.item()) / ref.item() > 1e-5  # the product really ran in bf16
 
 
 @pytest.mark.parametrize("in_batch", [False, True])
 def test_sampled_loss_under_bf16_keeps_everything_after_the_product_in_float32(in_batch):
-    # the negatives' logits come from a bf16 product; logQ correction, masking and log-sum-exp in
-    # float32 (the positive logit is an element-wise product: float32 whatever autocast does)
+    # logQ correction, masking and log-sum-exp in float32 after the negatives' bf16 product
+    emb, h = _exact_in_bf16(60, 2), _exact_in_bf16(12, 3)
     g = torch.Generator().manual_seed(1)
-    emb, h, t = torch.randn(60, 16, generator=g), torch.randn(12, 16, generator=g), torch.randint(0, 60, (12,))
-    negs, pop = torch.randint(0, 60, (25,), generator=g), torch.arange(60).float() % 7 + 1
+    t, negs = torch.randint(0, 60, (12,), generator=g), torch.randint(0, 60, (25,), generator=g)
+    pop = torch.arange(60).float() % 7 + 1
     sampler = NegativeSampler(60, pop, alpha=0.5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _autocast_is_on()
         got = sampled_softmax(h, t, lambda r: emb[r], sampler, 0, tau=0.07, negatives=negs, reduction="none",
                               in_batch_negatives=in_batch, popularity=pop)
-    hn, en = F.normalize(h, dim=-1).double(), F.normalize(emb, dim=-1)
+    hn, en = F.normalize(h.double(), dim=-1), F.normalize(emb.double(), dim=-1)
     cand = torch.cat([negs, t]) if in_batch else negs
-    neg = (hn.float().bfloat16() @ en[cand].bfloat16().T).double() / 0.07
     expected = 25 * sampler.probs.double()[cand]
     if in_batch:
         expected = expected + 11 * (pop / pop.sum()).double()[cand]
-    neg = (neg - torch.log(expected)).masked_fill(cand[None] == t[:, None], -math.inf)
-    pos = (hn * en[t].double()).sum(-1, keepdim=True) / 0.07
+    neg = (hn @ en[cand].T / 0.07 - torch.log(expected)).masked_fill(cand[None] == t[:, None], -math.inf)
+    pos = (hn * en[t]).sum(-1, keepdim=True) / 0.07
     ref = torch.logsumexp(torch.cat([pos, neg], 1), 1) - pos[:, 0]
     assert got.dtype == torch.float32
     assert torch.allclose(got.double(), ref, rtol=2e-6, atol=1e-6), (got - ref).abs().max()
 
 
 def test_alignment_loss_under_bf16_keeps_everything_after_the_product_in_float32():
-    g = torch.Generator().manual_seed(2)
-    zm, zt = torch.randn(30, 16, generator=g), torch.randn(30, 16, generator=g)
+    zm, zt = _exact_in_bf16(30, 4), _exact_in_bf16(30, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _autocast_is_on()
         got = alignment_loss(zm, zt, torch.ones(30, dtype=torch.bool), tau=0.07)
-    ref = _bf16_product_reference(zm, zt, torch.arange(30), 0.07) / 30
+    ref = _float64_reference(zm, zt, torch.arange(30), 0.07) / 30
     assert abs(got.item() - ref.item()) / ref.item() < 2e-6
 
 
