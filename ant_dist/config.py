@@ -242,6 +242,8 @@ class PretrainConfig:
     hidden: int = opt(256, "hidden size of the item and user models")
     n_layers: int = opt(2, "SASRec self-attention layers")
     n_heads: int = opt(2, "SASRec attention heads")
+    ffn_mult: int = opt(1, "SASRec feed-forward width as a multiple of hidden (the authors' ANT code: 1; "
+                        "RecBole's SASRec: inner_size 256 = 4 x hidden 64)")
     max_len: int = opt(50, "longest input sequence; longer ones keep their most recent items")
     dropout: float = opt(0.5, "SASRec dropout")
     irl_dropout: float = opt(0.2, "input dropout of the item-model experts")

@@ -348,6 +348,7 @@ ROWS = [
         unchanged="serving"),
     Row("relearn-pretrained-another-hidden", _relearn_with("hidden=64"), 2, ("hidden", "64", "16")),
     Row("relearn-pretrained-another-layers", _relearn_with("n_layers=4"), 2, ("n_layers", "4", "1")),
+    Row("relearn-pretrained-another-ffn-mult", _relearn_with("ffn_mult=4"), 2, ("ffn_mult", "4", "1")),
     # --- exports and the report
     Row("export-recbole-of-unpacked-folder", _recbole_export_of(lambda d: (d / "catalog.parquet").unlink()), 2,
         ("catalog.parquet",), unchanged="recbole"),
@@ -395,4 +396,4 @@ def test_relearn_accepts_equal_architecture_options_and_records_the_models(good)
 
     cfg = RelearnConfig(pretrained=str(good / "model"), domain="Toy", hidden=16)
     adopt_architecture(cfg, explicit={"hidden", "pretrained", "domain"})
-    assert (cfg.hidden, cfg.n_layers, cfg.n_heads, cfg.max_len, cfg.n_experts) == (16, 1, 2, 10, 2)
+    assert (cfg.hidden, cfg.n_layers, cfg.n_heads, cfg.max_len, cfg.n_experts, cfg.ffn_mult) == (16, 1, 2, 10, 2, 1)

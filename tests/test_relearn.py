@@ -119,6 +119,20 @@ def test_a_model_exported_before_the_score_option_loads_as_cosine(tmp_path):
     assert load_model(pre)[0].cfg.score == "cos"
 
 
+def test_ffn_mult_sets_the_feed_forward_width_and_a_pretrained_model_keeps_its_own(tmp_path):
+    """RecBole's SASRec has inner_size 256 at hidden 64 (ffn_mult=4); the authors' ANT code 1 x hidden."""
+    cfg = load_config(RelearnConfig, None, ["domain=T", "mode=scratch", "item_repr=id", "hidden=8", "ffn_mult=4"])
+    model = build_target_model(cfg, SimpleNamespace(text_dim=12, image_dim=10), SimpleNamespace(n_items=9))
+    assert [b.ffn[0].out_features for b in model.sasrec.blocks] == [32] * cfg.n_layers
+    assert [b.ffn[2].in_features for b in model.sasrec.blocks] == [32] * cfg.n_layers
+    export_model(model, tmp_path / "out", {})
+    assert load_model(tmp_path / "out")[0].sasrec.blocks[0].ffn[0].out_features == 32, "saved with its width"
+    pre, _ = _pretrained_dir(tmp_path)  # ffn_mult 1
+    cfg = load_config(RelearnConfig, None, [f"pretrained={pre}", "domain=T", "mode=relearn"])
+    model = build_target_model(cfg, SimpleNamespace(text_dim=12, image_dim=10), SimpleNamespace(n_items=9))
+    assert model.sasrec.blocks[0].ffn[0].out_features == 16
+
+
 def test_ablations_switch_off_item_model_parts(tmp_path):
     pre, _ = _pretrained_dir(tmp_path)
     cfg = load_config(RelearnConfig, None, [f"pretrained={pre}", "domain=T", "ablate=[-T,P,MoE,MF]"])

@@ -104,7 +104,7 @@ def build_model(cfg: PretrainConfig, text_dim: int, image_dim: int) -> ANT:
         irl=IRLConfig(text_dim=text_dim, image_dim=image_dim, hidden=cfg.hidden, n_heads=cfg.n_experts,
                       dropout=cfg.irl_dropout, beta=cfg.beta, gate_noise=cfg.gate_noise),
         sasrec=SASRecConfig(hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads, max_len=cfg.max_len,
-                            dropout=cfg.dropout)))
+                            dropout=cfg.dropout, ffn_mult=cfg.ffn_mult)))
 
 
 def use_bf16(cfg: PretrainConfig) -> bool:

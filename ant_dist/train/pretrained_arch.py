@@ -21,6 +21,7 @@ from .resume_check import check_safetensors, model_fix, read_json
 # option -> (part of the model config, its field there)
 ARCHITECTURE = {"hidden": ("sasrec", "hidden"), "n_layers": ("sasrec", "n_layers"),
                 "n_heads": ("sasrec", "n_heads"), "max_len": ("sasrec", "max_len"),
+                "ffn_mult": ("sasrec", "ffn_mult"),
                 "n_experts": ("irl", "n_heads")}
 
 
@@ -53,7 +54,8 @@ def adopt_architecture(cfg, explicit: Iterable[str]) -> Optional[dict]:
         if part == "irl" and not has_irl:
             continue  # an ID model has no experts: n_experts cannot differ from anything
         try:
-            model_values[option] = ant[part][name]
+            # models saved before ffn_mult was an option had the width it defaulted to then
+            model_values[option] = ant[part].get(name, 1) if option == "ffn_mult" else ant[part][name]
         except (KeyError, TypeError):
             raise TrainError(f"{d / 'model_config.json'}: no {part}.{name}; {model_fix(d)}") from None
     explicit = set(explicit)

@@ -99,7 +99,8 @@ def _architecture(cfg: RelearnConfig, pretrained: ANT | None, text_dim: int,
                              f"encoders as the auxiliary domains")
     else:
         irl = IRLConfig(text_dim=text_dim, image_dim=image_dim, hidden=cfg.hidden, n_heads=cfg.n_experts)
-        sasrec = SASRecConfig(hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads, max_len=cfg.max_len)
+        sasrec = SASRecConfig(hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads, max_len=cfg.max_len,
+                              ffn_mult=cfg.ffn_mult)
     irl = dataclasses.replace(irl, dropout=cfg.irl_dropout, beta=cfg.beta, gate_noise=cfg.gate_noise, **flags)
     sasrec = dataclasses.replace(sasrec, dropout=cfg.dropout)
     if pretrained is not None and sasrec.max_len != cfg.max_len:
