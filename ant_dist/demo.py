@@ -16,9 +16,7 @@ write the report (tables with paired t-tests, the negative-transfer table, plots
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +28,8 @@ from .data.pack import pack_domain
 from .data.synth import synthesize
 from .embed import run as run_embed
 from .encoders import minilm_path, save_random_swin
+from .methods import method_options
+from .pipeline.launcher import launch_command
 
 
 @dataclass
@@ -59,20 +59,14 @@ DEMO_PRETRAIN = ["hidden=64", "batch_size=256", "lr=5e-3", "warmup_steps=20", "s
 # target several steps per epoch, and a patience in steps long enough for every method: with 60
 # steps, runs on 600 users stopped 40-120 epochs before their best (docs/benchmarks.md, "Transfer").
 DEMO_RELEARN = ["batch_size=64", "lr=1e-3", "dropout=0.2", "patience_steps=200", "min_epochs=5", "max_epochs=300"]
-# method label -> relearn options
-METHODS = {"GB": ["mode=scratch"], "FT": ["mode=finetune"], "ReL": ["mode=relearn"],
-           "ANT_e": ["mode=relearn", "item_repr=irl+id"], "ID-SASRec": ["mode=scratch", "item_repr=id"],
-           "zero-shot": ["mode=zeroshot"]}
 
 
 def relearn_command(root: Path, target: str, method: str, run_name: str, seed: int, pretrained: Path,
                     extra=()) -> list[str]:
     """`python -m ant_dist.relearn ...` for one method on one target, as a user would type it."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     return [sys.executable, "-m", "ant_dist.relearn", f"shards={root / 'shards'}", f"features={root / 'features'}",
             f"domain={target}", f"pretrained={pretrained}", f"out={root / 'runs'}", f"run_name={run_name}",
-            f"seed={seed}", "resume=never", *METHODS[method], *DEMO_RELEARN, *extra]
+            f"seed={seed}", "resume=never", *method_options(method), *DEMO_RELEARN, *extra]
 
 
 def method_rows(report: dict, domain: str) -> list[dict]:
@@ -90,30 +84,14 @@ def method_rows(report: dict, domain: str) -> list[dict]:
             for r in table["rows"]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pretrain_stage(cfg, root: Path) -> int:
     """`accelerate launch -m ant_dist.pretrain` as a user would type it; returns its exit code."""
-    import torch
-
     run_dir = root / "runs" / "pretrain"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo re-made the data: start the run over
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.processes),
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port())]
-    if cfg.processes > 1:
-        launch.append("--multi_gpu")
-    cmd = [*launch, "-m", "ant_dist.pretrain", f"shards={root / 'shards'}", f"features={root / 'features'}",
-           f"out={root / 'runs'}", "run_name=pretrain", f"max_steps={cfg.pretrain_steps}", f"seed={cfg.seed}",
-           f"progress={str(cfg.progress).lower()}", *DEMO_PRETRAIN]
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["ACCELERATE_USE_CPU"] = "1"  # `--cpu` would silently start one process
-        env.setdefault("OMP_NUM_THREADS", "1")
+    cmd, env = launch_command(["-m", "ant_dist.pretrain", f"shards={root / 'shards'}", f"features={root / 'features'}",
+                               f"out={root / 'runs'}", "run_name=pretrain", f"max_steps={cfg.pretrain_steps}",
+                               f"seed={cfg.seed}", f"progress={str(cfg.progress).lower()}", *DEMO_PRETRAIN],
+                              cfg.processes)
     print("$ accelerate launch " + " ".join(cmd[3:]), flush=True)  # what a user would type
     return subprocess.run(cmd, env=env).returncode
 

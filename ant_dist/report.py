@@ -32,12 +32,12 @@ import numpy as np
 from . import staging
 from .config import opt, parse_cli
 from .locking import LockedError, exclusive_dir_lock
+from .methods import BASELINE_METHOD, METHOD_ORDER, TRANSFER_METHODS
+from .report_markdown import render_markdown, section_title
 
 FORMAT = "ant-dist-metrics/1"
 REPORT_FORMAT = "ant-dist-report/1"
 ALL_METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "recall@50", "ndcg@50")
-METHOD_ORDER = ("ID-SASRec", "zero-shot", "GB", "FT", "ReL", "ANT_e")  # table rows: these first, then A-Z
-TRANSFER_METHODS = ("FT", "ReL", "ANT_e")  # compared with GB in the negative-transfer table
 NT_METRICS = ("recall@10", "ndcg@10")       # the paper's Table III metrics shown by the report
 EXIT_BAD_INPUT = 2
 
@@ -95,7 +95,7 @@ class Section:
 
     @property
     def title(self) -> str:
-        return self.domain if self.fraction == 1.0 else f"{self.domain} ({self.fraction:g} of users trained)"
+        return section_title(self.domain, self.fraction)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -261,7 +261,7 @@ def method_table(section: Section, metrics: Sequence[str], alpha: float) -> dict
 def negative_transfer_table(section: Section, metrics: Sequence[str], alpha: float) -> Optional[dict]:
     """Table III: GB vs the transfer methods; None when GB or every transfer method is missing."""
     by_method = {s.method: s for s in section.stats}
-    gb = by_method.get("GB")
+    gb = by_method.get(BASELINE_METHOD)
     present = [m for m in TRANSFER_METHODS if m in by_method]
     shown = [m for m in NT_METRICS if m in metrics] or list(metrics[:2])
     if gb is None or not present:
@@ -323,7 +323,6 @@ def _carry_over(old: Path, work: Path) -> None:
 
 
 def _write_report(out: Path, runs: list, sections: list, metrics: Sequence[str], alpha: float) -> dict:
-    from .report_markdown import render_markdown
     from .report_plots import write_plots
 
     report = {
@@ -336,7 +335,7 @@ def _write_report(out: Path, runs: list, sections: list, metrics: Sequence[str],
         "plots": write_plots(out, sections, metrics),
     }
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(render_markdown(report, sections, metrics, alpha))
+    (out / "report.md").write_text(render_markdown(report, metrics, alpha))
     return report
 
 

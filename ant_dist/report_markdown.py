@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .report import TRANSFER_METHODS, Section
+from .methods import TRANSFER_METHODS
+
+
+def section_title(domain: str, fraction: float) -> str:
+    """A table's heading: the target domain, and the share of its users trained when not all."""
+    return domain if fraction == 1.0 else f"{domain} ({fraction:g} of users trained)"
 
 
 def metric_label(m: str) -> str:
@@ -62,7 +67,7 @@ def render_negative_transfer(tables: list[dict], alpha: float) -> list[str]:
     head = ["Domain", "Metric", "GB"] + [c for m in methods for c in (m, f"{m} vs GB")] + ["Note"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for t in tables:
-        title = Section(t["domain"], t["train_users_fraction"], []).title
+        title = section_title(t["domain"], t["train_users_fraction"])
         for row in t["rows"]:
             values = [row["GB"]] + [row["methods"][m]["value"] for m in methods if m in row["methods"]]
             top = max(values)
@@ -84,16 +89,18 @@ def render_negative_transfer(tables: list[dict], alpha: float) -> list[str]:
     return lines
 
 
-def render_markdown(report: dict, sections: list[Section], metrics: Sequence[str], alpha: float) -> str:
+def render_markdown(report: dict, metrics: Sequence[str], alpha: float) -> str:
     lines = ["# ANT re-learning report", "",
              f"{len(report['runs'])} run(s); test metrics (best-validation weights); significance level "
              f"{alpha:g}. The same numbers are in report.json.", ""]
     plots = {(p["domain"], p["train_users_fraction"], p["kind"]): p["file"] for p in report["plots"]}
-    for table, section in zip(report["tables"], sections, strict=True):
-        lines += [f"## {section.title}", ""] + render_method_table(table, metrics, alpha) + [""]
+    for table in report["tables"]:
+        where = (table["domain"], table["train_users_fraction"])
+        title = section_title(*where)
+        lines += [f"## {title}", ""] + render_method_table(table, metrics, alpha) + [""]
         for kind, caption in (("curve", "validation curve"), ("bars", "test metrics")):
-            if (section.domain, section.fraction, kind) in plots:
-                lines += [f"![{section.title}: {caption}]({plots[(section.domain, section.fraction, kind)]})", ""]
+            if (*where, kind) in plots:
+                lines += [f"![{title}: {caption}]({plots[(*where, kind)]})", ""]
     if report["negative_transfer"]:
         lines += ["## Negative transfer: GB vs FT vs ReL", ""]
         lines += render_negative_transfer(report["negative_transfer"], alpha) + [""]

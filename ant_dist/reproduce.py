@@ -21,7 +21,6 @@ docs/reproduce.md has the data sources, the disk and time per stage, and the exp
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import os
@@ -38,6 +37,8 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from .config import ConfigError, parse_cli
+from .locking import die_with_parent
+from .pipeline.launcher import launch_command
 from .reproduce_plan import ReproduceConfig, Stage, Task, build_plan, layout, select_runs, write_rated_meta
 
 PROG = "python -m ant_dist.reproduce"
@@ -130,26 +131,6 @@ def print_plan(cfg: ReproduceConfig, stages: list, config_name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- running commands
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> None:
-    """In the child before exec: SIGTERM when our parent dies (a launcher then stops its ranks)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the parent died before prctl: do what the signal would have done
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def local_command(stage: Stage, task: Task) -> tuple[list, dict]:
     """The task's command on this machine: `accelerate launch` for a distributed stage with
     several processes (on CPU when there is no GPU), the command itself otherwise."""
@@ -157,15 +138,7 @@ def local_command(stage: Stage, task: Task) -> tuple[list, dict]:
     procs = int(stage.resources["processes"])
     if not stage.launch or procs <= 1:
         return task.argv, env
-    import torch
-
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(procs), "--num_machines",
-              "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-              "--multi_gpu"]
-    if not torch.cuda.is_available():
-        env["ACCELERATE_USE_CPU"] = "1"  # `--cpu` would silently start one process
-        env.setdefault("OMP_NUM_THREADS", "1")
-    return [*launch, *task.argv[1:]], env  # argv[1:]: "-m module ..."
+    return launch_command(task.argv[1:], procs, env=env)  # argv[1:]: "-m module ..."
 
 
 def visible_gpus() -> list:
@@ -184,7 +157,8 @@ def run_commands(commands: list, parallel: int, gpus: list = ()) -> int:
     run checkpoints and exits 75). Returns 0, the first non-zero exit code, or 75 when stopped."""
     pending, running, first_error, stopping = list(commands), {}, 0, []
     free_slots = list(range(parallel))
-    in_child = functools.partial(_die_with_parent, os.getpid())  # runs in each child before exec
+    # runs in each child before exec: SIGTERM when we die (a launcher then stops its ranks)
+    in_child = functools.partial(die_with_parent, os.getpid(), signal.SIGTERM)
 
     def forward(signum, _frame):
         stopping.append(signum)

@@ -18,13 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, RelearnConfig, opt
+from .methods import METHODS, method_options
 
 REPO = Path(__file__).resolve().parents[1]
 
-# method label -> relearn options (docs/relearn.md has the table)
-METHODS = {"GB": ["mode=scratch"], "FT": ["mode=finetune"], "ReL": ["mode=relearn"],
-           "ANT_e": ["mode=relearn", "item_repr=irl+id"], "ID-SASRec": ["mode=scratch", "item_repr=id"],
-           "zero-shot": ["mode=zeroshot"]}
 STAGES = ("fetch", "pack", "embed", "pretrain", "relearn", "select", "report")
 RESOURCE_KEYS = ("nodes", "gpus", "processes", "cpus", "mem", "time", "partition", "est_hours", "est_disk_gb")
 # Small defaults: a config for a real cluster sets its own (configs/paper/ant.yaml).
@@ -261,7 +258,8 @@ def build_plan(cfg: ReproduceConfig) -> list:
     fixed = {k: v for k, v in cfg.relearn.items() if k not in dict(grid_axes(cfg.relearn))}
     tasks = []
     for run in relearn_runs(cfg):
-        method_opts = cfg.method_options.get(run["method"], METHODS.get(run["method"]))
+        method_opts = (cfg.method_options[run["method"]] if run["method"] in cfg.method_options
+                       else method_options(run["method"]))
         if run["method"] not in METHODS:  # the report groups runs by this label
             method_opts = [f"method={run['method']}", *method_opts]
         argv = [py, "-m", "ant_dist.relearn", "--config", _path(cfg.relearn_config, REPO), *overrides(fixed),

@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ant_dist.pipeline.launcher import launch_command  # noqa: E402
 
 
 def main() -> None:
@@ -28,7 +31,6 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--work", default=str(ROOT / "bench" / ".work" / "embed"))
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT))
     from ant_dist.config import PackConfig, SynthConfig
     from ant_dist.data.pack import pack_domain
     from ant_dist.data.synth import synthesize
@@ -51,10 +53,10 @@ def main() -> None:
         cmd = ["-m", "ant_dist.embed", f"shards={shards}", f"out={out}", f"text_encoder={minilm_path()}",
                f"image_encoder={swin}", "text_pooling=mean", f"batch_size={bs}", f"num_workers={args.workers}",
                "overwrite=true", "progress=false"]
-        if args.processes > 1:
-            cmd = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.processes), *cmd]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
-        res = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, cwd=ROOT)
+        argv, env = ([sys.executable, *cmd], {**os.environ, "ACCELERATE_USE_CPU": "1"}) if args.processes == 1 else \
+            launch_command(cmd, args.processes, cpu=True, threads_per_process=None)
+        env["HF_HUB_OFFLINE"] = "1"
+        res = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
         if res.returncode:
             sys.exit(res.stderr[-3000:])
         run = json.loads((out / "Food" / "manifest.json").read_text())["runs"][-1]

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ant_dist.pipeline.launcher import launch_command  # noqa: E402
 from ant_dist.data.feature_table import shards_fingerprint, write_manifest  # noqa: E402
 
 
@@ -85,19 +86,14 @@ def run_one(work: Path, n_items: int, loss: str, processes: int, batch: int, ste
     if k:
         args.append(f"n_negatives={k}")
     args += list(extra)
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes))}
-    if device == "cpu":
-        env["ACCELERATE_USE_CPU"] = "1"
-    else:
+    if device != "cpu":
         args.append("features_device_max_gb=16")  # paper-scale features (2.4 GB) live on the GPU
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if processes > 1:
-        launch.append("--multi_gpu")
+    launch, env = launch_command(args, processes, cpu=device == "cpu",
+                                 threads_per_process=max(1, (os.cpu_count() or 2) // processes))
     import shutil
     shutil.rmtree(work / "runs" / run, ignore_errors=True)
     t0 = time.time()
-    res = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    res = subprocess.run(launch, env=env, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
     if res.returncode != 0:
         raise SystemExit(f"{run} failed:\n{res.stderr[-3000:]}")
     recs = [json.loads(x) for x in (work / "runs" / run / "metrics.jsonl").read_text().splitlines()]

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ant_dist.pipeline.launcher import launch_command  # noqa: E402
 
 # The demo's settings (configs/pretrain_demo.yaml) and the variants compared against them.
 TUNED = ["hidden=64", "batch_size=256", "lr=5e-3", "warmup_steps=20", "schedule=constant", "dropout=0.2",
@@ -50,13 +52,10 @@ def run(name: str, args: list[str], processes: int, work: Path) -> list[dict]:
     if not done:
         import shutil
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               *(["--multi_gpu"] if processes > 1 else []),
+        cmd, env = launch_command([
                "-m", "ant_dist.pretrain", "shards=demo/shards", "features=demo/features",
                "domains=[Food,Movies,Home,Clothing]", f"out={work}", f"run_name={name}", "tracker=none",
-               "progress=false", "eval_users=1000", "checkpoint_every=0", "max_epochs=1000", *args]
-        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+               "progress=false", "eval_users=1000", "checkpoint_every=0", "max_epochs=1000", *args], processes, cpu=True)
         res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         if res.returncode != 0:
             raise SystemExit(f"{name} failed:\n{res.stderr[-3000:]}")

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from ant_dist.config import EmbedConfig, PackConfig, SynthConfig  # noqa: E402
 from ant_dist.demo import DEMO_PRETRAIN, relearn_command  # noqa: E402
+from ant_dist.pipeline.launcher import launch_command  # noqa: E402
 
 TARGETS = ("Scientific", "Office")
 SHIFTED = {t: f"{t}_s1" for t in TARGETS}  # the shift-1 copies of the targets
@@ -75,12 +76,10 @@ def pretrain(work: Path, seed: int, steps: int) -> Path:
     run = work / "runs" / f"pretrain-s{seed}"
     if (run / "model" / "model_config.json").is_file():
         return run / "model"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(29500 + seed), "-m", "ant_dist.pretrain", f"shards={work / 'shards'}", f"features={work / 'features'}",
+    cmd, env = launch_command([
+           "-m", "ant_dist.pretrain", f"shards={work / 'shards'}", f"features={work / 'features'}",
            f"out={work / 'runs'}", f"run_name=pretrain-s{seed}", f"max_steps={steps}", f"seed={seed}",
-           "progress=false", "tracker=none", *DEMO_PRETRAIN]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+           "progress=false", "tracker=none", *DEMO_PRETRAIN], 2, cpu=True)
     t0 = time.time()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ant_dist.pipeline.launcher import launch_command
 from ant_dist.config import PackConfig, SynthConfig
 from ant_dist.data.feature_table import FeatureTableError, load_features, verify
 from ant_dist.data.pack import pack_domain
@@ -61,16 +62,9 @@ def _embed_cmd(shards, out, encoders, *extra, processes=1):
             f"image_encoder={image}", "batch_size=16", "num_workers=1", "progress=false", *extra]
     if processes == 1:
         return [sys.executable, *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(_free_port()), *args]
+    return launch_command(args, processes, cpu=False)[0]  # the tests' environment has ACCELERATE_USE_CPU
 
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd, **kw):

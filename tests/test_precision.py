@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from ant_dist.methods import method_options
+from ant_dist.pipeline.launcher import free_port
 from precision_step import BF16_STEPS, DEVICE, GRAD_COSINE, GRAD_RTOL, LOSS_RTOL
-from test_pretrain import ENV, _free_port
+from test_pretrain import ENV
 from test_relearn import pretrained  # noqa: F401  (the module-scoped fixture: a tiny pre-trained model)
 
 SCRIPT = Path(__file__).with_name("precision_step.py")
@@ -35,16 +37,15 @@ TWO_PROCESSES = {
     "pretrain sampled in-batch gathered (2 processes)": (
         "pretrain", ["loss=sampled", "n_negatives=64", "in_batch_negatives=true"], "sampled+global-in-batch+gathered"),
 }
-METHODS = {"ReL": ["mode=relearn"], "FT": ["mode=finetune"], "GB": ["mode=scratch"],
-           "ANT_e": ["mode=relearn", "item_repr=irl+id"], "ID-SASRec": ["mode=scratch", "item_repr=id"]}
-for _label, _opts in METHODS.items():
+for _label in ("ReL", "FT", "GB", "ANT_e", "ID-SASRec"):
+    _opts = method_options(_label)
     ONE_PROCESS[f"relearn {_label} dense"] = ("relearn", _opts, "exact-dense")
     ONE_PROCESS[f"relearn {_label} chunked"] = ("relearn", [*_opts, "exact_chunk=16"], "exact-chunked")
 
 
 def _run_cases(world, pretrained, cases: dict, processes: int, tmp_path, label: str) -> dict:
     spec = json.dumps([{"name": n, "stage": s, "args": a} for n, (s, a, _) in cases.items()])
-    out, port = tmp_path / "precision.json", str(_free_port())
+    out, port = tmp_path / "precision.json", str(free_port())
     env = {**ENV, "PYTHONPATH": str(SCRIPT.parent)}
     procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(world), str(pretrained), str(out), str(r),
                                str(processes), port, spec], env=env, stderr=subprocess.PIPE, text=True)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ant_dist.pipeline.launcher import launch_command
 from precision_step import GRAD_RTOL, LOSS_RTOL
 
 
@@ -25,13 +26,6 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_
        "WANDB_MODE": "offline"}
 ENV.pop("ACCELERATE_USE_CPU", None)
 ENV.pop("ACCELERATE_USE_DEEPSPEED", None)
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(world, run, *extra):
@@ -44,13 +38,8 @@ def _cmd(world, run, *extra, processes=1, engine="ddp"):
     args = ["-m", "ant_dist.pretrain", *_args(world, run, *extra)]
     if processes == 1 and engine == "ddp":
         return [sys.executable, *args]
-    launch = [sys.executable, "-m", "accelerate.commands.launch"]
-    if engine == "deepspeed":
-        launch += ["--config_file", str(Path(__file__).parents[1] / "configs/accelerate/zero2.yaml")]
-    else:
-        launch += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return [*launch, "--num_processes", str(processes), "--num_machines", "1",
-            "--main_process_port", str(_free_port()), *args]
+    config = str(Path(__file__).parents[1] / "configs/accelerate/zero2.yaml") if engine == "deepspeed" else None
+    return launch_command(args, processes, config_file=config, cpu=False)[0]  # _run's environment: _env
 
 
 def _env(engine="ddp"):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from ant_dist.config import RelearnConfig, load_config
 from ant_dist.model.ant import ANT, ANTConfig
+from ant_dist.pipeline.launcher import launch_command
 from ant_dist.model.irl import IRLConfig
 from ant_dist.model.sasrec import SASRecConfig
 from ant_dist.relearn import main as relearn_main
@@ -20,7 +21,7 @@ from ant_dist.train.checkpoint import export_model, load_model
 from ant_dist.train.data import Corpus, DomainSequences
 from ant_dist.train.selection import Selection
 from ant_dist.train.target import build_target_model
-from test_pretrain import _free_port, _records, _run
+from test_pretrain import _records, _run
 
 # ---------------------------------------------------------------------------- parameters per mode
 
@@ -223,9 +224,7 @@ def _relearn(world, pretrained, run, *extra, processes=1):
             "batch_size=32", "progress=false", "tracker=none", "resume=never", *extra]
     cmd = [sys.executable, *args]
     if processes > 1:  # _run's environment sets ACCELERATE_USE_CPU=1 where there is no GPU
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(_free_port()), *args]
+        cmd = launch_command(args, processes, cpu=False)[0]
     res = _run(cmd)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((world / "runs" / run / "metrics.json").read_text())

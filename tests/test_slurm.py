@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_pretrain import ENV, _args, _free_port, _params, _records, _run
+from ant_dist.pipeline.launcher import free_port, launch_command
+from test_pretrain import ENV, _args, _params, _records, _run
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_SBATCH = shutil.which("sbatch") is not None
@@ -33,7 +34,7 @@ def slurm(test):
 def _export(**extra):
     env = {k: v for k, v in ENV.items() if not k.startswith("SLURM_")}
     env.update({"ANT_CPU": "1", "ANT_GPUS_PER_NODE": "2", "ANT_CONFIG": "", "ANT_PYTHON": sys.executable,
-                "ANT_MASTER_PORT": str(_free_port()), **extra})
+                "ANT_MASTER_PORT": str(free_port()), **extra})
     return env
 
 
@@ -91,9 +92,7 @@ def test_sbatch_pretrain_runs_two_processes(world, cluster, tmp_path):
 @pytest.mark.slow
 def test_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(world, cluster, tmp_path):
     common = ["max_epochs=10", "checkpoint_every=20", "tracker=wandb"]
-    ref = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                str(_free_port()), "-m", "ant_dist.pretrain", *_args(world, "slurm-ref", *common)])
+    ref = _run(launch_command(["-m", "ant_dist.pretrain", *_args(world, "slurm-ref", *common)], 2, cpu=False)[0])
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     run = world / "runs" / "slurm-pre"
@@ -150,11 +149,9 @@ def test_sbatch_embed_then_verify(world, cluster, tmp_path):
 @pytest.mark.slow
 def test_two_machines_over_loopback_train_like_one_machine_with_two_processes(world):
     common = ["max_epochs=2", "checkpoint_every=10"]
-    one = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                str(_free_port()), "-m", "ant_dist.pretrain", *_args(world, "one-machine", *common)])
+    one = _run(launch_command(["-m", "ant_dist.pretrain", *_args(world, "one-machine", *common)], 2, cpu=False)[0])
     assert one.returncode == 0, one.stderr[-3000:]
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                                "2", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip",
                                "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
@@ -180,7 +177,7 @@ def test_node_launcher_on_cpu_keeps_the_chosen_engine(world, accelerate_config, 
     # slurm/launch_node.sh as a Slurm task runs it (one node, 2 CPU processes), without Slurm:
     # ANT_CPU=1 must not turn a DeepSpeed run into DDP (ACCELERATE_USE_CPU does that silently)
     run_name = f"node-{engine}"
-    env = _export(SLURM_NNODES="1", SLURM_NODEID="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+    env = _export(SLURM_NNODES="1", SLURM_NODEID="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                   ANT_ACCELERATE_CONFIG=accelerate_config)
     res = subprocess.run(["bash", "slurm/launch_node.sh", "ant_dist.pretrain",
                           *_args(world, run_name, "max_steps=2", "eval_every=-1")],

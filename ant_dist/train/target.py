@@ -24,18 +24,15 @@ from pathlib import Path
 
 from ..config import RelearnConfig
 from ..losses import SCORES
+from ..methods import ITEM_REPRS, MODES, method_of
 from ..model.ant import ANT, ANTConfig
 from ..model.irl import IRLConfig
 from ..model.sasrec import SASRecConfig
 from . import TrainError
 from .checkpoint import load_model
 
-MODES = ("relearn", "finetune", "scratch", "zeroshot")
-ITEM_REPRS = ("irl", "id", "irl+id")
 # Table IV's switches: the IRLConfig flag each one turns off
 ABLATIONS = {"T": "use_text", "I": "use_image", "P": "use_price", "MoE": "use_moe", "MF": "use_fusion"}
-_LABELS = {("relearn", "irl"): "ReL", ("finetune", "irl"): "FT", ("scratch", "irl"): "GB",
-           ("relearn", "irl+id"): "ANT_e", ("scratch", "id"): "ID-SASRec", ("zeroshot", "irl"): "zero-shot"}
 
 
 def ablation_names(cfg: RelearnConfig) -> list[str]:
@@ -49,7 +46,7 @@ def ablation_names(cfg: RelearnConfig) -> list[str]:
 def method_label(cfg: RelearnConfig) -> str:
     if cfg.method:
         return cfg.method
-    base = _LABELS.get((cfg.mode, cfg.item_repr), f"{cfg.mode}/{cfg.item_repr}")
+    base = method_of(cfg.mode, cfg.item_repr) or f"{cfg.mode}/{cfg.item_repr}"
     return " ".join([base] + [f"-{a}" for a in ablation_names(cfg)])
 
 

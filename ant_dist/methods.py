@@ -1,0 +1,40 @@
+"""The methods a target run can be, in one table (docs/relearn.md explains each).
+
+A method is a label for a (mode, item_repr) pair of `ant_dist.relearn`: the demo and the
+reproduction plan turn labels into options, the relearn stage turns its options back into the
+label it records in metrics.json, and the report orders and compares runs by it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+MODES = ("relearn", "finetune", "scratch", "zeroshot")
+ITEM_REPRS = ("irl", "id", "irl+id")
+
+# label -> (mode, item_repr), in the report's row order; labels not listed sort after these, A-Z
+METHODS = {
+    "ID-SASRec": ("scratch", "id"),
+    "zero-shot": ("zeroshot", "irl"),
+    "GB": ("scratch", "irl"),
+    "FT": ("finetune", "irl"),
+    "ReL": ("relearn", "irl"),
+    "ANT_e": ("relearn", "irl+id"),
+}
+METHOD_ORDER = tuple(METHODS)
+# compared with GB (training from scratch) in the negative-transfer table
+TRANSFER_METHODS = ("FT", "ReL", "ANT_e")
+BASELINE_METHOD = "GB"
+
+
+def method_options(label: str) -> list[str]:
+    """`relearn` options of a method label (item_repr only where it is not the default, irl)."""
+    if label not in METHODS:
+        raise ValueError(f"unknown method {label!r}; choose from {list(METHODS)}")
+    mode, item_repr = METHODS[label]
+    return [f"mode={mode}"] + ([f"item_repr={item_repr}"] if item_repr != "irl" else [])
+
+
+def method_of(mode: str, item_repr: str) -> Optional[str]:
+    """The label of a (mode, item_repr) pair, None for a pair no method names."""
+    return next((label for label, pair in METHODS.items() if pair == (mode, item_repr)), None)

@@ -1,0 +1,1 @@
+"""Running the stages for a user: the reproduction plan and its runner, and the `accelerate launch` command."""
