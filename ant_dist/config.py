@@ -17,6 +17,8 @@ from typing import Any, Optional, Sequence, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .methods import ITEM_REPRS, METHODS, MODES
+
 T = TypeVar("T")
 
 
@@ -24,12 +26,42 @@ class ConfigError(ValueError):
     """A config file or override is invalid (unknown key, wrong type, bad value)."""
 
 
-def opt(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with a help text (lists/dicts get a default_factory)."""
+# Allowed values of the options that name a choice: `opt(..., choices=...)` declares them next to the
+# default, `load_config` refuses anything else, and the code that acts on them imports them from here.
+PACK_FORMATS = ("amazon2018", "amazon2023", "table", "recbole")
+FETCH_FORMATS = ("amazon2018", "amazon2023")
+TIE_BREAKS = ("input", "item")
+TEXT_POOLINGS = ("cls", "mean")
+FEATURE_PLACEMENTS = ("auto", "device", "mmap")
+LOSSES = ("sampled", "exact")
+SAMPLERS = ("uniform", "popularity")
+SCHEDULES = ("cosine", "epoch_decay", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+TRACKERS = ("wandb", "tensorboard", "none")
+SCORES = ("cos", "dot")
+
+
+def opt(default: Any, help: str, choices: Optional[Sequence] = None, **kw: Any) -> Any:
+    """A dataclass field with a help text (lists/dicts get a default_factory) and, for an option that
+    names one of a fixed set of values, those values (`choices`, checked by load_config)."""
+    metadata = {"help": help} if choices is None else {"help": help, "choices": tuple(choices)}
     if isinstance(default, (list, dict)):
         value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: type(value)(value), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+def check_choices(cfg: Any) -> None:
+    """Refuse a value outside its option's `choices` (every element, for a list option)."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        allowed = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if allowed is not None and any(v not in allowed for v in (value if isinstance(value, list) else [value])):
+            shown = ", ".join(repr(a) if a == "" else str(a) for a in allowed)
+            problems.append(f"{f.name} must be one of {shown}, got {value!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 # ----------------------------------------------------------------------------- synth
@@ -65,7 +97,7 @@ class SynthConfig:
 class PackConfig:
     domain: str = opt("???", "domain name, also the output sub-folder under `out`")
     format: str = opt("amazon2018", "raw input format: amazon2018 | amazon2023 | table | recbole "
-                      "(RecBole atomic files: meta=<name>.item, interactions=<name>.inter)")
+                      "(RecBole atomic files: meta=<name>.item, interactions=<name>.inter)", choices=PACK_FORMATS)
     meta: str = opt("???", "item metadata file: meta JSON lines (.json/.jsonl, optionally .gz) or, "
                     "for format=table, a CSV/TSV/Parquet with columns id (or item_id), text (or "
                     "title)[, price, image]")
@@ -77,7 +109,7 @@ class PackConfig:
     columns: dict = opt({}, "format=table: column names of your files, by our name, for names other than the "
                         "accepted ones, e.g. {user: uid, item: iid, timestamp: ts, id: iid, text: name}")
     tie_break: str = opt("input", "order of one user's interactions with the same timestamp: input (their order "
-                         "in the file: a stable sort, as RecBole's) | item (by item id)")
+                         "in the file: a stable sort, as RecBole's) | item (by item id)", choices=TIE_BREAKS)
     min_core: int = opt(5, "iterative k-core: keep users and items with at least this many interactions")
     max_seq_len: int = opt(50, "keep each user's most recent N interactions (after k-core)")
     max_text_chars: int = opt(1000, "item texts are cut to this many characters (at a word boundary)")
@@ -93,12 +125,15 @@ class PackConfig:
 
 
 def field_help(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, help) for every field of a config dataclass."""
+    """(name, type, default, help) for every field of a config dataclass (help ends with the choices)."""
     rows = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         tname = getattr(f.type, "__name__", str(f.type))
-        rows.append((f.name, tname, default, f.metadata.get("help", "")))
+        text = f.metadata.get("help", "")
+        if "choices" in f.metadata:
+            text += f" [choices: {', '.join(repr(c) if c == '' else str(c) for c in f.metadata['choices'])}]"
+        rows.append((f.name, tname, default, text))
     return rows
 
 
@@ -127,11 +162,16 @@ def load_config(cls: type[T], config_file: Optional[str | Path] = None,
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
+        # `key=` on a text option means the empty text (OmegaConf would read null: a type error)
+        texts = {f.name for f in dataclasses.fields(cls) if f.type in (str, "str")}
+        overrides = [f"{o}''" if o.endswith("=") and o[:-1].strip() in texts else o for o in overrides]
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(f"missing required option(s): {', '.join(missing)}")
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        cfg = OmegaConf.to_object(merged)
+        check_choices(cfg)
+        return cfg  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         # The first line of OmegaConf's message names the key and the problem.
         msg = str(exc).splitlines()[0]
@@ -212,7 +252,7 @@ class EmbedConfig:
     image_encoder: str = opt("???", "local folder of a transformers image model + image processor "
                              "(e.g. a saved microsoft/swin-base-patch4-window7-224)")
     text_pooling: str = opt("cls", "text features: cls ([CLS] of the last layer, as UniSRec) | mean "
-                            "(attention-masked mean, for sentence-transformers models)")
+                            "(attention-masked mean, for sentence-transformers models)", choices=TEXT_POOLINGS)
     max_text_tokens: int = opt(128, "texts are truncated to this many tokens")
     max_images: int = opt(4, "an item with several images gets the mean of the features of up to this many")
     batch_size: int = opt(64, "items per encoder batch")
@@ -234,7 +274,7 @@ class PretrainConfig:
     run_name: str = opt("pretrain", "run folder name (also the W&B run name; the W&B id derives from the folder)")
     features_on: str = opt("auto", "where item features live: device (gathered on the training device) | "
                            "mmap (memory-mapped tables, gathered in loader workers) | auto (device when they "
-                           "fit in features_device_max_gb)")
+                           "fit in features_device_max_gb)", choices=FEATURE_PLACEMENTS)
     features_device_max_gb: float = opt(1.0, "auto puts features on the device when they take at most this "
                                         "(on CPU 'device' is RAM: raise it on a GPU, where 2.4 GB fit easily)")
     num_workers: int = opt(1, "DataLoader workers per process (build batches, draw negatives, gather mmap features)")
@@ -252,9 +292,9 @@ class PretrainConfig:
     gate_noise: bool = opt(True, "Gaussian gate noise while training (turn off only for exactness checks)")
     # loss
     loss: str = opt("sampled", "sampled (sampled softmax over the full joint catalog, logQ-corrected) | "
-                    "exact (full softmax over every item, chunked)")
+                    "exact (full softmax over every item, chunked)", choices=LOSSES)
     n_negatives: int = opt(1024, "K: negatives each process draws per step (all processes' K x world are shared)")
-    sampler: str = opt("popularity", "negative proposal: uniform | popularity ((train count + 1)^sampler_alpha)")
+    sampler: str = opt("popularity", "negative proposal: uniform | popularity ((train count + 1)^sampler_alpha)", choices=SAMPLERS)
     sampler_alpha: float = opt(0.75, "exponent of the popularity proposal")
     in_batch_negatives: bool = opt(False, "also use the batch's targets as negatives (mixture-corrected)")
     gather_negatives: bool = opt(True, "all-gather negatives across processes (gradient flows back to each owner)")
@@ -268,14 +308,14 @@ class PretrainConfig:
     lr: float = opt(1e-3, "peak learning rate (AdamW)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     schedule: str = opt("cosine", "cosine (linear warmup, cosine to min_lr_ratio) | epoch_decay (warmup, then "
-                        "lr x epoch_decay per epoch) | constant (warmup, then flat)")
+                        "lr x epoch_decay per epoch) | constant (warmup, then flat)", choices=SCHEDULES)
     warmup_steps: int = opt(50, "linear warmup steps")
     min_lr_ratio: float = opt(0.1, "cosine ends at lr x this")
     epoch_decay: float = opt(0.9, "per-epoch factor of the epoch_decay schedule")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
     max_epochs: int = opt(10, "stop after this many epochs")
     max_steps: int = opt(0, "stop after this many optimizer steps (0 = no limit)")
-    precision: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    precision: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32", choices=PRECISIONS)
     compile: bool = opt(False, "torch.compile the item model and the user model (inductor, dynamic shapes; "
                         "the first steps pay the compilation)")
     seed: int = opt(0, "seed of the data order, negatives, dropout and initialisation")
@@ -287,7 +327,7 @@ class PretrainConfig:
     keep_checkpoints: int = opt(2, "keep the newest K checkpoints")
     resume: str = opt("auto", "auto (continue from the newest complete checkpoint if there is one) | never "
                       "(refuse a run folder that has checkpoints) | a checkpoint folder")
-    tracker: str = opt("wandb", "wandb (offline when no API key is configured) | tensorboard | none")
+    tracker: str = opt("wandb", "wandb (offline when no API key is configured) | tensorboard | none", choices=TRACKERS)
     wandb_project: str = opt("ant-dist", "W&B project")
     log_every: int = opt(10, "log training figures every N steps")
     progress: bool = opt(True, "tqdm progress line on the main process")
@@ -309,11 +349,11 @@ class RelearnConfig(PretrainConfig):
     domain: str = opt("", "target domain(s), comma-separated (sets `domains`)")
     mode: str = opt("relearn", "relearn (re-learn the item model and positions, freeze the rest of the user "
                     "model) | finetune (start from everything pre-trained, freeze the user model) | scratch "
-                    "(the same architecture trained on the target only) | zeroshot (evaluate, no training)")
-    item_repr: str = opt("irl", "irl (ANT) | id (pure-ID SASRec) | irl+id (ANT_e: IRL plus a target ID table)")
+                    "(the same architecture trained on the target only) | zeroshot (evaluate, no training)", choices=MODES)
+    item_repr: str = opt("irl", "irl (ANT) | id (pure-ID SASRec) | irl+id (ANT_e: IRL plus a target ID table)", choices=ITEM_REPRS)
     score: str = opt("", "how a user state scores an item: cos (cos/tau, the ANT paper) | dot (SASRec's dot "
                      "product, tau unused) | empty: the method's paper (dot for item_repr=id, cos otherwise; "
-                     "a pre-trained model's own score for relearn/finetune/zeroshot)")
+                     "a pre-trained model's own score for relearn/finetune/zeroshot)", choices=("",) + SCORES)
     ablate: list = opt([], "Table IV ablations: any of T (no text), I (no image), P (no price), MoE (one linear "
                        "map instead of the experts), MF (no text-image fusion)")
     method: str = opt("", "label in reports (empty: ReL, FT, GB, ANT_e, ID-SASRec or zero-shot from mode and "
@@ -330,12 +370,166 @@ class RelearnConfig(PretrainConfig):
     # defaults that differ from pre-training (the target is small: exact loss, every user evaluated)
     domains: list = opt([], "target domains (or use domain=)")
     run_name: str = opt("relearn", "run folder name under `out` (also the W&B run name)")
-    loss: str = opt("exact", "exact (full softmax over the target catalog, as the paper) | sampled")
+    loss: str = opt("exact", "exact (full softmax over the target catalog, as the paper) | sampled", choices=LOSSES)
     batch_size: int = opt(256, "sequences per optimizer step over all processes")
-    schedule: str = opt("constant", "cosine | epoch_decay | constant (after warmup)")
+    schedule: str = opt("constant", "cosine | epoch_decay | constant (after warmup)", choices=SCHEDULES)
     warmup_steps: int = opt(0, "linear warmup steps")
     max_epochs: int = opt(200, "upper bound on epochs; early stopping usually ends the run first")
     eval_users: int = opt(0, "validation users per domain (0 = all: early stopping sees every user)")
     checkpoint_every: int = opt(0, "save a checkpoint every N steps (0 = only at the end and on a stop signal)")
     keep_checkpoints: int = opt(1, "keep the newest K checkpoints")
     num_workers: int = opt(0, "DataLoader workers per process (0: build batches in the training process)")
+
+
+# ----------------------------------------------------------------------------- serving export
+@dataclass
+class ExportServingConfig:
+    model: str = opt("???", "exported model folder (<run>/model: model.safetensors + model_config.json)")
+    domain: str = opt("???", "domain whose catalog is exported")
+    out: str = opt("???", "output folder")
+    shards: Optional[str] = opt(None, "root of the packed domains; default: the one the model was trained on")
+    features: Optional[str] = opt(None, "root of the feature tables of `shards`; default: the model's")
+    overwrite: bool = opt(False, "replace an existing output folder")
+    device: str = opt("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
+    chunk: int = opt(8192, "catalog rows per item-model batch")
+    progress: bool = opt(True, "progress bar over the catalog")
+
+
+# ----------------------------------------------------------------------------- RecBole export
+@dataclass
+class ExportRecboleConfig:
+    domain_dir: str = opt("???", "packed domain folder (tools/pack.py output), e.g. shards/Food; may be given "
+                          "as the first argument")
+    out: str = opt("???", "output root (RecBole's data_path): files go to <out>/<name>/<name>.inter, .item")
+    name: str = opt("", "RecBole dataset name (sub-folder and file stem); empty = the domain folder's name")
+    progress: bool = opt(True, "show progress bars")
+
+
+# ----------------------------------------------------------------------------- report
+ALL_METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "recall@50", "ndcg@50")  # the test metrics every run records
+
+
+@dataclass
+class ReportConfig:
+    paths: list = opt("???", "run folders holding metrics.json, metrics.json files, or folders searched recursively")
+    out: str = opt("report", "output folder (report.md, report.json, PNGs)")
+    metrics: str = opt(",".join(ALL_METRICS), "comma-separated test metrics for the tables")
+    alpha: float = opt(0.05, "significance level of the paired t-tests")
+
+
+# ----------------------------------------------------------------------------- reproduce
+@dataclass
+class ReproduceConfig:
+    work_dir: str = opt("paper", "working folder: images/, shards/, features/, runs/, report/, timings.jsonl")
+    raw_dir: str = opt("data/amazon2018", "folder holding the downloaded raw files named in `files`")
+    aux_domains: list = opt(["Food", "Movies", "Home", "Clothing"], "auxiliary domains (pre-training)")
+    targets: list = opt(["Scientific", "Pantry", "Instruments", "Arts", "Office"], "target domains (re-learning)")
+    files: dict = opt({}, "per domain: {meta: <meta file>, ratings: <ratings CSV>}, relative to raw_dir "
+                      "(Amazon 2018: meta_<Category>.json.gz and <Category>.csv)")
+    fetch: bool = opt(True, "download the images with tools/fetch_images.py (false: use `image_dirs`)")
+    fetch_min_ratings: int = opt(5, "fetch only the images of items with at least this many rows in the ratings "
+                                 "file (at most pack's min_core: k-core filtering drops the others anyway); "
+                                 "0 = every item of the meta file")
+    fetch_options: dict = opt({"parallel": 16}, "tools/fetch_images.py options (parallel, max_items, rate_per_host, "
+                              "url_prefix_from/url_prefix_to for a mirror or a test server, ...)")
+    image_dirs: dict = opt({}, "with fetch=false: per domain, a local folder of <item_id>.<ext> images "
+                           "(a domain without one is packed without images)")
+    pack_config: str = opt("configs/pack.yaml", "base config of tools/pack.py (relative paths: to the repository)")
+    pack: dict = opt({}, "tools/pack.py options over pack_config")
+    embed_config: str = opt("configs/embed.yaml", "base config of ant_dist.embed")
+    embed: dict = opt({}, "ant_dist.embed options (encoders, pooling, batch) over embed_config")
+    pretrain_config: str = opt("configs/pretrain.yaml", "base config of ant_dist.pretrain")
+    pretrain: dict = opt({}, "ant_dist.pretrain options over pretrain_config")
+    relearn_config: str = opt("configs/relearn.yaml", "base config of ant_dist.relearn")
+    relearn: dict = opt({}, "ant_dist.relearn options over relearn_config; a list value is a grid axis "
+                        "(beta: [0.1, 0.3]); for a list-typed option (ablate) a list of lists is")
+    methods: list = opt(["ReL", "FT", "GB", "ANT_e", "ID-SASRec"], f"methods to run: {', '.join(METHODS)} or a "
+                        "label of method_options")
+    method_options: dict = opt({}, "extra methods: label -> relearn options, e.g. {'ReL -T': [mode=relearn, "
+                               "'ablate=[T]']}")
+    seeds: list = opt([0, 1, 2], "re-learning seeds")
+    select_metric: str = opt("recall@10", "validation metric that selects the epoch and the grid point")
+    report_dir: str = opt("", "report folder (default <work_dir>/report); selection.json goes there too")
+    report_metrics: str = opt("", "metrics of the report tables (empty: the report's default six)")
+    alpha: float = opt(0.05, "significance level of the report's paired t-tests")
+    resources: dict = opt({}, "per stage (fetch, pack, embed, pretrain, relearn, select, report): nodes, gpus "
+                          "(per node), processes (per node), cpus, mem, time, partition: sbatch options; "
+                          "est_hours (per task) and est_disk_gb (whole stage): the dry run's estimate")
+
+
+# ----------------------------------------------------------------------------- demo
+@dataclass
+class DemoConfig:
+    out: str = opt("demo", "working folder: raw/, shards/ (and later features/, runs/) go under it")
+    seed: int = opt(0, "seed of the synthetic world")
+    items_per_domain: int = opt(2000, "items per auxiliary domain")
+    users_per_domain: int = opt(3000, "users per auxiliary domain")
+    workers: int = opt(2, "processes for drawing images and writing shards")
+    progress: bool = opt(True, "show progress bars")
+    processes: int = opt(2, "training processes for the pre-training stage")
+    pretrain_steps: int = opt(1000, "pre-training steps (about 4 minutes on 2 CPU cores; 0 stops after the features)")
+    target: str = opt("Scientific", "target domain of the adaptation stage")
+    methods: list = opt(["GB", "FT", "ReL", "ANT_e", "ID-SASRec", "zero-shot"],
+                        "adaptation methods to run on the target (empty: stop after pre-training)")
+
+
+# ----------------------------------------------------------------------------- fetch images
+@dataclass
+class FetchConfig:
+    format: str = opt("amazon2018", "metadata format: amazon2018 (imageURLHighRes, else imageURL) | amazon2023 "
+                      "(images[]: the MAIN entry, else the first; hi_res, else large)", choices=FETCH_FORMATS)
+    meta: str = opt("???", "item metadata: JSON lines, optionally .gz (the file given to tools/pack.py)")
+    images: str = opt("???", "output folder: <item_id>.<jpg|png|webp>, the `images=` of tools/pack.py")
+    parallel: int = opt(16, "concurrent downloads (threads)")
+    max_items: int = opt(0, "trial run: only the first N items that have an image URL (0 = all)")
+    rate_per_host: float = opt(50.0, "requests per second per host, token bucket (0 = no limit)")
+    burst_per_host: int = opt(16, "requests a host may get at once before the rate applies")
+    timeout: float = opt(10.0, "seconds: connect timeout and longest wait for any bytes")
+    total_timeout: float = opt(120.0, "seconds: longest time one download may take")
+    retries: int = opt(3, "retries after a 5xx/408/429, a timeout, a truncated body or a connection error")
+    backoff: float = opt(1.0, "seconds: retry k waits a random time in [0, backoff x 2^k] (full jitter)")
+    max_backoff: float = opt(60.0, "seconds: longest wait before a retry (also caps Retry-After)")
+    max_bytes: int = opt(10 * 2**20, "refuse a body larger than this (checked while it streams)")
+    url_prefix_from: str = opt("", "rewrite URLs that start with this prefix ...")
+    url_prefix_to: str = opt("", "... to start with this one instead (mirrors, tests: a loopback server)")
+    user_agent: str = opt("ant-dist-fetch/0.1", "User-Agent header")
+    examples_per_reason: int = opt(5, "examples (item id: URL: detail) kept per outcome in the report")
+    progress: bool = opt(True, "show a progress bar")
+
+
+# ----------------------------------------------------------------------------- recommend
+@dataclass
+class RecommendConfig:
+    model: str = opt("???", "exported model folder (<run>/model: model.safetensors + model_config.json)")
+    domain: str = opt("???", "domain whose catalog is ranked")
+    history: str = opt("???", "the user's items, ORIGINAL item ids, oldest first, comma-separated")
+    k: int = opt(10, "how many items to return")
+    shards: Optional[str] = opt(None, "root of the packed domains; default: the one the model was trained on "
+                                "(a newer pack of the domain here adds its new items)")
+    features: Optional[str] = opt(None, "root of the feature tables of `shards`; default: the model's")
+    exclude_history: bool = opt(True, "leave the history's items out of the ranking")
+    json: bool = opt(False, "print JSON instead of a table")
+    device: str = opt("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
+    chunk: int = opt(8192, "catalog rows per item-model batch")
+    progress: bool = opt(True, "progress bar over the catalog")
+
+
+# ----------------------------------------------------------------------------- transferability
+@dataclass
+class TransferabilityConfig:
+    model: str = opt("???", "exported pre-trained model folder (runs/<run>/model)")
+    features: str = opt("features", "root of the feature tables (ant_dist.embed output), one folder per domain")
+    shards: str = opt("shards", "root of the packed domains (the feature tables are checked against them)")
+    targets: list = opt("???", "target domains, e.g. [Scientific,Office]")
+    auxiliary: list = opt([], "auxiliary domains; empty = the model's pre-training domains (model_config.json)")
+    out: str = opt("report/transferability", "output folder")
+    seed: int = opt(0, "seed of the item subsamples, class balancing, splits and classifiers")
+    max_items_per_domain: int = opt(10000, "embed at most this many random items per domain (0 = all)")
+    exclude_missing: bool = opt(True, "drop items without an image (image) or without a price (price): their "
+                                "placeholder embedding is constant, so it would measure missingness, not content")
+    min_items_per_class: int = opt(20, "skip a (pair, modality) cell with fewer usable items per domain")
+    c_grid: list = opt([0.01, 0.1, 1.0, 10.0, 100.0], "logistic-regression C values tried on the validation split")
+    max_iter: int = opt(2000, "L-BFGS iterations per classifier")
+    batch_size: int = opt(4096, "items per item-model batch")
+    device: str = opt("auto", "auto (cuda when available) | cpu | cuda")
+    progress: bool = opt(True, "show progress bars")

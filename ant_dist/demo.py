@@ -20,31 +20,15 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from .config import EmbedConfig, PackConfig, SynthConfig, opt, parse_cli
+from .config import DemoConfig, EmbedConfig, PackConfig, parse_cli, SynthConfig
 from .data.pack import pack_domain
 from .data.synth import synthesize
 from .embed import run as run_embed
 from .encoders import minilm_path, save_random_swin
 from .methods import method_options
 from .pipeline.launcher import launch_command
-
-
-@dataclass
-class DemoConfig:
-    out: str = opt("demo", "working folder: raw/, shards/ (and later features/, runs/) go under it")
-    seed: int = opt(0, "seed of the synthetic world")
-    items_per_domain: int = opt(2000, "items per auxiliary domain")
-    users_per_domain: int = opt(3000, "users per auxiliary domain")
-    workers: int = opt(2, "processes for drawing images and writing shards")
-    progress: bool = opt(True, "show progress bars")
-    processes: int = opt(2, "training processes for the pre-training stage")
-    pretrain_steps: int = opt(1000, "pre-training steps (about 4 minutes on 2 CPU cores; 0 stops after the features)")
-    target: str = opt("Scientific", "target domain of the adaptation stage")
-    methods: list = opt(["GB", "FT", "ReL", "ANT_e", "ID-SASRec", "zero-shot"],
-                        "adaptation methods to run on the target (empty: stop after pre-training)")
 
 
 # Settings tuned for the synthetic world on 2 CPU cores (docs/benchmarks.md, "Convergence"):

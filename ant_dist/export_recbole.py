@@ -41,7 +41,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from . import staging
-from .config import opt, parse_cli
+from .config import ExportRecboleConfig, parse_cli
 from .data.pack import CATALOG, INTERACTIONS, REPORT
 from .data.shards import iter_shard_samples, shard_paths
 from .locking import LockedError, exclusive_dir_lock
@@ -52,15 +52,6 @@ RECBOLE_YAML = "recbole.yaml"
 NULL_MARKERS = frozenset(pacsv.ConvertOptions().null_values) | {
     "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
     "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
-
-
-@dataclass
-class ExportRecboleConfig:
-    domain_dir: str = opt("???", "packed domain folder (tools/pack.py output), e.g. shards/Food; may be given "
-                          "as the first argument")
-    out: str = opt("???", "output root (RecBole's data_path): files go to <out>/<name>/<name>.inter, .item")
-    name: str = opt("", "RecBole dataset name (sub-folder and file stem); empty = the domain folder's name")
-    progress: bool = opt(True, "show progress bars")
 
 
 class ExportError(ValueError):

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -33,24 +32,11 @@ import pyarrow.parquet as pq
 from safetensors.torch import save_file
 
 from . import staging
-from .config import opt, parse_cli
+from .config import ExportServingConfig, parse_cli
 from .recommend import EXIT_BAD_INPUT, RecommendError, Scorer, load_scorer
 
 FILES = ("item_embeddings.safetensors", "item_ids.parquet", "user_encoder.safetensors", "user_encoder.json",
          "serving.json", "README.md")
-
-
-@dataclass
-class ExportServingConfig:
-    model: str = opt("???", "exported model folder (<run>/model: model.safetensors + model_config.json)")
-    domain: str = opt("???", "domain whose catalog is exported")
-    out: str = opt("???", "output folder")
-    shards: Optional[str] = opt(None, "root of the packed domains; default: the one the model was trained on")
-    features: Optional[str] = opt(None, "root of the feature tables of `shards`; default: the model's")
-    overwrite: bool = opt(False, "replace an existing output folder")
-    device: str = opt("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
-    chunk: int = opt(8192, "catalog rows per item-model batch")
-    progress: bool = opt(True, "progress bar over the catalog")
 
 
 RECIPE = ("x = item_inputs[history_rows][-max_len:] (oldest first); h = user_encoder(x)[-1]; "

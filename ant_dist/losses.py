@@ -18,10 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .config import SCORES
+
 ItemFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-SCORES = ("cos", "dot")
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from .losses import SCORES
+from .config import SCORES
 
 
 DEFAULT_KS = (10, 20, 50)

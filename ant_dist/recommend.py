@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from .config import opt, parse_cli
+from .config import parse_cli, RecommendConfig
 from .data.feature_table import read_manifest
 from .data.pack import CATALOG
 from .data.shards import iter_shard_samples, shard_paths
@@ -46,22 +46,6 @@ EXIT_BAD_INPUT = 2
 
 class RecommendError(RuntimeError):
     """Bad input: the message says what; the command exits with code 2."""
-
-
-@dataclass
-class RecommendConfig:
-    model: str = opt("???", "exported model folder (<run>/model: model.safetensors + model_config.json)")
-    domain: str = opt("???", "domain whose catalog is ranked")
-    history: str = opt("???", "the user's items, ORIGINAL item ids, oldest first, comma-separated")
-    k: int = opt(10, "how many items to return")
-    shards: Optional[str] = opt(None, "root of the packed domains; default: the one the model was trained on "
-                                "(a newer pack of the domain here adds its new items)")
-    features: Optional[str] = opt(None, "root of the feature tables of `shards`; default: the model's")
-    exclude_history: bool = opt(True, "leave the history's items out of the ranking")
-    json: bool = opt(False, "print JSON instead of a table")
-    device: str = opt("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
-    chunk: int = opt(8192, "catalog rows per item-model batch")
-    progress: bool = opt(True, "progress bar over the catalog")
 
 
 # ----------------------------------------------------------------------------- the scorer

@@ -30,24 +30,15 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import staging
-from .config import opt, parse_cli
+from .config import parse_cli, ReportConfig
 from .locking import LockedError, exclusive_dir_lock
 from .methods import BASELINE_METHOD, METHOD_ORDER, TRANSFER_METHODS
 from .report_markdown import render_markdown, section_title
 
 FORMAT = "ant-dist-metrics/1"
 REPORT_FORMAT = "ant-dist-report/1"
-ALL_METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "recall@50", "ndcg@50")
 NT_METRICS = ("recall@10", "ndcg@10")       # the paper's Table III metrics shown by the report
 EXIT_BAD_INPUT = 2
-
-
-@dataclass
-class ReportConfig:
-    paths: list = opt("???", "run folders holding metrics.json, metrics.json files, or folders searched recursively")
-    out: str = opt("report", "output folder (report.md, report.json, PNGs)")
-    metrics: str = opt(",".join(ALL_METRICS), "comma-separated test metrics for the tables")
-    alpha: float = opt(0.05, "significance level of the paired t-tests")
 
 
 class ReportError(ValueError):

@@ -36,10 +36,10 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from .config import ConfigError, parse_cli
+from .config import ConfigError, ReproduceConfig, parse_cli
 from .locking import die_with_parent
 from .pipeline.launcher import launch_command
-from .reproduce_plan import ReproduceConfig, Stage, Task, build_plan, layout, select_runs, write_rated_meta
+from .reproduce_plan import Stage, Task, build_plan, layout, select_runs, write_rated_meta
 
 PROG = "python -m ant_dist.reproduce"
 EXIT_BAD_INPUT = 2

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, RelearnConfig, opt
+from .config import ConfigError, RelearnConfig, ReproduceConfig
 from .methods import METHODS, method_options
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,45 +35,6 @@ RESERVED = {"fetch_options": {"format", "meta", "images"},
             "relearn": {"shards", "features", "out", "run_name", "domain", "domains", "pretrained", "seed",
                         "select_metric", "mode", "item_repr"}}
 LIST_FIELDS = {f.name for f in dataclasses.fields(RelearnConfig) if f.type in (list, "list")}
-
-
-@dataclass
-class ReproduceConfig:
-    work_dir: str = opt("paper", "working folder: images/, shards/, features/, runs/, report/, timings.jsonl")
-    raw_dir: str = opt("data/amazon2018", "folder holding the downloaded raw files named in `files`")
-    aux_domains: list = opt(["Food", "Movies", "Home", "Clothing"], "auxiliary domains (pre-training)")
-    targets: list = opt(["Scientific", "Pantry", "Instruments", "Arts", "Office"], "target domains (re-learning)")
-    files: dict = opt({}, "per domain: {meta: <meta file>, ratings: <ratings CSV>}, relative to raw_dir "
-                      "(Amazon 2018: meta_<Category>.json.gz and <Category>.csv)")
-    fetch: bool = opt(True, "download the images with tools/fetch_images.py (false: use `image_dirs`)")
-    fetch_min_ratings: int = opt(5, "fetch only the images of items with at least this many rows in the ratings "
-                                 "file (at most pack's min_core: k-core filtering drops the others anyway); "
-                                 "0 = every item of the meta file")
-    fetch_options: dict = opt({"parallel": 16}, "tools/fetch_images.py options (parallel, max_items, rate_per_host, "
-                              "url_prefix_from/url_prefix_to for a mirror or a test server, ...)")
-    image_dirs: dict = opt({}, "with fetch=false: per domain, a local folder of <item_id>.<ext> images "
-                           "(a domain without one is packed without images)")
-    pack_config: str = opt("configs/pack.yaml", "base config of tools/pack.py (relative paths: to the repository)")
-    pack: dict = opt({}, "tools/pack.py options over pack_config")
-    embed_config: str = opt("configs/embed.yaml", "base config of ant_dist.embed")
-    embed: dict = opt({}, "ant_dist.embed options (encoders, pooling, batch) over embed_config")
-    pretrain_config: str = opt("configs/pretrain.yaml", "base config of ant_dist.pretrain")
-    pretrain: dict = opt({}, "ant_dist.pretrain options over pretrain_config")
-    relearn_config: str = opt("configs/relearn.yaml", "base config of ant_dist.relearn")
-    relearn: dict = opt({}, "ant_dist.relearn options over relearn_config; a list value is a grid axis "
-                        "(beta: [0.1, 0.3]); for a list-typed option (ablate) a list of lists is")
-    methods: list = opt(["ReL", "FT", "GB", "ANT_e", "ID-SASRec"], f"methods to run: {', '.join(METHODS)} or a "
-                        "label of method_options")
-    method_options: dict = opt({}, "extra methods: label -> relearn options, e.g. {'ReL -T': [mode=relearn, "
-                               "'ablate=[T]']}")
-    seeds: list = opt([0, 1, 2], "re-learning seeds")
-    select_metric: str = opt("recall@10", "validation metric that selects the epoch and the grid point")
-    report_dir: str = opt("", "report folder (default <work_dir>/report); selection.json goes there too")
-    report_metrics: str = opt("", "metrics of the report tables (empty: the report's default six)")
-    alpha: float = opt(0.05, "significance level of the report's paired t-tests")
-    resources: dict = opt({}, "per stage (fetch, pack, embed, pretrain, relearn, select, report): nodes, gpus "
-                          "(per node), processes (per node), cpus, mem, time, partition: sbatch options; "
-                          "est_hours (per task) and est_disk_gb (whole stage): the dry run's estimate")
 
 
 @dataclass
@@ -296,7 +257,7 @@ def write_rated_meta(meta: str, ratings: str, out: str, min_ratings: int) -> dic
 
     import pyarrow.compute as pc
 
-    from .data.raw_readers import _meta_fields_2018, iter_json_lines, read_interactions
+    from .data.raw_readers import meta_fields_2018, iter_json_lines, read_interactions
     from .data.report import BadInputLog
 
     log = BadInputLog()
@@ -308,7 +269,7 @@ def write_rated_meta(meta: str, ratings: str, out: str, min_ratings: int) -> dic
     with gzip.open(tmp, "wt", encoding="utf-8") as fh:
         for _, obj in iter_json_lines(Path(meta), log):
             total += 1
-            if _meta_fields_2018(obj)[0] in rated:
+            if meta_fields_2018(obj)[0] in rated:
                 kept += 1
                 fh.write(json.dumps(obj) + "\n")
     os.replace(tmp, out)

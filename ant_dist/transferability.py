@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import opt, parse_cli
+from .config import parse_cli, TransferabilityConfig
 from .data.feature_table import FeatureTableError, load_features
 from .train import TrainError
 from .train.checkpoint import load_model
@@ -39,26 +39,6 @@ SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train, valid, test (paper section 6.3)
 
 class TransferabilityError(ValueError):
     """Bad input: unknown domain, missing model, mismatched features."""
-
-
-@dataclass
-class TransferabilityConfig:
-    model: str = opt("???", "exported pre-trained model folder (runs/<run>/model)")
-    features: str = opt("features", "root of the feature tables (ant_dist.embed output), one folder per domain")
-    shards: str = opt("shards", "root of the packed domains (the feature tables are checked against them)")
-    targets: list = opt("???", "target domains, e.g. [Scientific,Office]")
-    auxiliary: list = opt([], "auxiliary domains; empty = the model's pre-training domains (model_config.json)")
-    out: str = opt("report/transferability", "output folder")
-    seed: int = opt(0, "seed of the item subsamples, class balancing, splits and classifiers")
-    max_items_per_domain: int = opt(10000, "embed at most this many random items per domain (0 = all)")
-    exclude_missing: bool = opt(True, "drop items without an image (image) or without a price (price): their "
-                                "placeholder embedding is constant, so it would measure missingness, not content")
-    min_items_per_class: int = opt(20, "skip a (pair, modality) cell with fewer usable items per domain")
-    c_grid: list = opt([0.01, 0.1, 1.0, 10.0, 100.0], "logistic-regression C values tried on the validation split")
-    max_iter: int = opt(2000, "L-BFGS iterations per classifier")
-    batch_size: int = opt(4096, "items per item-model batch")
-    device: str = opt("auto", "auto (cuda when available) | cpu | cuda")
-    progress: bool = opt(True, "show progress bars")
 
 
 # ----------------------------------------------------------------------------- pure parts

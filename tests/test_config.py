@@ -42,3 +42,49 @@ def test_boolean_flag_shorthand_and_unknown_flags(capsys):
     with pytest.raises(SystemExit) as exc:
         parse_cli(EmbedConfig, ["text_encoder=t", "image_encoder=i", "--shards"], "embed", "")
     assert exc.value.code == 2 and "unknown flag" in capsys.readouterr().err
+
+
+# every option that names one of a fixed set of values, with the values the code acts on
+CHOICE_OPTIONS = {
+    "PackConfig": {"format": {"amazon2018", "amazon2023", "table", "recbole"}, "tie_break": {"input", "item"}},
+    "FetchConfig": {"format": {"amazon2018", "amazon2023"}},
+    "EmbedConfig": {"text_pooling": {"cls", "mean"}},
+    "PretrainConfig": {"loss": {"sampled", "exact"}, "sampler": {"uniform", "popularity"},
+                       "schedule": {"cosine", "epoch_decay", "constant"}, "precision": {"auto", "bf16", "fp32"},
+                       "tracker": {"wandb", "tensorboard", "none"}, "features_on": {"auto", "device", "mmap"}},
+    "RelearnConfig": {"mode": {"relearn", "finetune", "scratch", "zeroshot"}, "item_repr": {"irl", "id", "irl+id"},
+                      "score": {"", "cos", "dot"}, "loss": {"sampled", "exact"}},
+}
+REQUIRED = {"PackConfig": ["domain=D", "meta=m", "interactions=i"], "FetchConfig": ["meta=m", "images=i"],
+            "EmbedConfig": ["text_encoder=t", "image_encoder=i"]}
+
+
+@pytest.mark.parametrize("cls_name,option", [(c, o) for c, opts in CHOICE_OPTIONS.items() for o in opts])
+def test_options_with_choices_accept_exactly_them_when_loaded(cls_name, option):
+    import ant_dist.config as config
+
+    cls = getattr(config, cls_name)
+    for value in sorted(CHOICE_OPTIONS[cls_name][option]):
+        assert getattr(load_config(cls, None, [*REQUIRED.get(cls_name, []), f"{option}={value}"]), option) == value
+    with pytest.raises(ConfigError, match=rf"^{option} must be one of .*got 'nope'$"):
+        load_config(cls, None, [*REQUIRED.get(cls_name, []), f"{option}=nope"])
+
+
+def test_a_list_option_with_choices_checks_every_element(tmp_path):
+    from dataclasses import dataclass
+
+    from ant_dist.config import opt
+
+    @dataclass
+    class Toy:
+        parts: list = opt(["a"], "parts", choices=("a", "b"))
+
+    assert load_config(Toy, None, ["parts=[a,b,a]"]).parts == ["a", "b", "a"]
+    with pytest.raises(ConfigError, match="parts must be one of a, b, got"):
+        load_config(Toy, None, ["parts=[a,c]"])
+
+
+def test_help_shows_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        parse_cli(PackConfig, ["--help"], "tools/pack.py", "Pack.")
+    assert "choices: input, item" in capsys.readouterr().out

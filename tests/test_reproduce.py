@@ -19,8 +19,8 @@ import yaml
 
 from test_slurm import _wait_job_done, cluster, slurm  # noqa: F401  (cluster: a fixture)
 
-from ant_dist.config import ConfigError
-from ant_dist.reproduce_plan import ReproduceConfig, grid_points, select_runs
+from ant_dist.config import ConfigError, ReproduceConfig
+from ant_dist.reproduce_plan import grid_points, select_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = sorted((ROOT / "configs" / "paper").glob("*.yaml"))

@@ -24,16 +24,15 @@ import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from ..config import opt, parse_cli
+from ..config import ConfigError, FetchConfig, check_choices, parse_cli
 from ..locking import LockedError, exclusive_dir_lock
 from .image_download import PART, Downloader, FetchResult, is_http_url
-from .raw_readers import _meta_fields_2018, _meta_fields_2023, index_images, iter_json_lines
+from .raw_readers import meta_fields_2018, meta_fields_2023, index_images, iter_json_lines
 from .report import BadInputLog
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 75
@@ -41,30 +40,7 @@ REPORT = "fetch_report.json"
 # outcome of each item with an image URL; all but the first two are failures
 OUTCOMES = ("ok", "already_present", "not_found", "timeout", "truncated", "connection_error", "http_error",
             "not_image", "too_big", "bad_url")
-ID_FIELDS = {"amazon2018": _meta_fields_2018, "amazon2023": _meta_fields_2023}  # the packer's item-id rules
-
-
-@dataclass
-class FetchConfig:
-    format: str = opt("amazon2018", "metadata format: amazon2018 (imageURLHighRes, else imageURL) | amazon2023 "
-                      "(images[]: the MAIN entry, else the first; hi_res, else large)")
-    meta: str = opt("???", "item metadata: JSON lines, optionally .gz (the file given to tools/pack.py)")
-    images: str = opt("???", "output folder: <item_id>.<jpg|png|webp>, the `images=` of tools/pack.py")
-    parallel: int = opt(16, "concurrent downloads (threads)")
-    max_items: int = opt(0, "trial run: only the first N items that have an image URL (0 = all)")
-    rate_per_host: float = opt(50.0, "requests per second per host, token bucket (0 = no limit)")
-    burst_per_host: int = opt(16, "requests a host may get at once before the rate applies")
-    timeout: float = opt(10.0, "seconds: connect timeout and longest wait for any bytes")
-    total_timeout: float = opt(120.0, "seconds: longest time one download may take")
-    retries: int = opt(3, "retries after a 5xx/408/429, a timeout, a truncated body or a connection error")
-    backoff: float = opt(1.0, "seconds: retry k waits a random time in [0, backoff x 2^k] (full jitter)")
-    max_backoff: float = opt(60.0, "seconds: longest wait before a retry (also caps Retry-After)")
-    max_bytes: int = opt(10 * 2**20, "refuse a body larger than this (checked while it streams)")
-    url_prefix_from: str = opt("", "rewrite URLs that start with this prefix ...")
-    url_prefix_to: str = opt("", "... to start with this one instead (mirrors, tests: a loopback server)")
-    user_agent: str = opt("ant-dist-fetch/0.1", "User-Agent header")
-    examples_per_reason: int = opt(5, "examples (item id: URL: detail) kept per outcome in the report")
-    progress: bool = opt(True, "show a progress bar")
+ID_FIELDS = {"amazon2018": meta_fields_2018, "amazon2023": meta_fields_2023}  # the packer's item-id rules
 
 
 class FetchInputError(ValueError):
@@ -107,8 +83,10 @@ def usable_as_file_stem(item_id: str) -> bool:
 # ----------------------------------------------------------------------------- the run
 def _check(cfg: FetchConfig) -> None:
     problems = []
-    if cfg.format not in ID_FIELDS:
-        problems.append(f"format must be one of {sorted(ID_FIELDS)}, got {cfg.format!r}")
+    try:  # a FetchConfig built in code has not been through load_config
+        check_choices(cfg)
+    except ConfigError as exc:
+        problems.append(str(exc))
     if not Path(cfg.meta).is_file():
         problems.append(f"metadata file not found: {cfg.meta}")
     for name in ("parallel", "burst_per_host", "max_bytes"):

@@ -6,6 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..config import TIE_BREAKS
+
 
 def sorted_codes(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(sorted distinct values, code of each value) like np.unique(return_inverse=True), via Arrow.
@@ -40,9 +42,6 @@ def k_core_filter(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
         if new_keep.sum() == keep.sum():
             return new_keep
         keep = new_keep
-
-
-TIE_BREAKS = ("input", "item")
 
 
 def sort_interactions(users: np.ndarray, timestamps: np.ndarray, item_keys: np.ndarray,

@@ -14,13 +14,11 @@ import urllib.request
 from dataclasses import dataclass
 from http.client import HTTPException, IncompleteRead, InvalidURL
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 from urllib.parse import urlsplit
 
+from ..config import FetchConfig
 from .shards import check_image
-
-if TYPE_CHECKING:
-    from .fetch_images import FetchConfig
 
 PART = ".part"
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")

@@ -32,14 +32,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ..config import PackConfig, save_config
+from ..config import ConfigError, PackConfig, check_choices, save_config
 from .. import staging
 from ..locking import die_with_parent, exclusive_dir_lock
 from .cleaning import normalise_price
-from .filtering import (TIE_BREAKS, duplicate_mask, group_offsets, k_core_filter, most_recent, sort_interactions,
+from .filtering import (duplicate_mask, group_offsets, k_core_filter, most_recent, sort_interactions,
                         sorted_codes)
 from .decoding import format_hint
-from .raw_readers import FORMATS, InputError, index_images, read_interactions, read_items
+from .raw_readers import InputError, index_images, read_interactions, read_items
 from .report import BadInputLog
 from .shards import SHARD_PATTERN, ShardItem, plan_shards, write_shard
 
@@ -86,12 +86,12 @@ def _write_shard_job(args):
 
 def pack_domain(cfg: PackConfig) -> dict:
     """Pack one domain; returns the report (also written to pack_report.json)."""
-    if cfg.format not in FORMATS:
-        raise InputError(f"format must be one of {FORMATS}, got {cfg.format!r}")
+    try:  # a PackConfig built in code has not been through load_config
+        check_choices(cfg)
+    except ConfigError as exc:
+        raise InputError(str(exc)) from None
     if cfg.min_core < 1 or cfg.max_seq_len < 2 or cfg.workers < 1:
         raise InputError("min_core must be >= 1, max_seq_len >= 2 and workers >= 1")
-    if cfg.tie_break not in TIE_BREAKS:
-        raise InputError(f"tie_break must be one of {TIE_BREAKS}, got {cfg.tie_break!r}")
     t0 = time.time()
     out = Path(cfg.out) / cfg.domain
     # Held until the new pack is swapped in (or the pack fails); the lock file follows the swap.

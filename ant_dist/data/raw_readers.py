@@ -23,11 +23,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from ..config import PACK_FORMATS
 from .cleaning import item_text, parse_price, validate_price
 from .decoding import MAX_TIMESTAMP, format_hint, text_columns, timestamp_ok
 from .report import BadInputLog
 
-FORMATS = ("amazon2018", "amazon2023", "table", "recbole")
 # accepted column names of format=table, by our name (the `columns` option maps any others)
 ALIASES = {"id": ("id", "item_id"), "text": ("text", "title"), "price": ("price",), "image": ("image",),
            "user": ("user", "user_id"), "item": ("item", "item_id"), "timestamp": ("timestamp", "time")}
@@ -105,12 +105,12 @@ def _first_str(value) -> Optional[str]:
     return None
 
 
-def _meta_fields_2018(obj: dict):
+def meta_fields_2018(obj: dict):
     return (_first_str(obj.get("asin")), obj.get("title"), obj.get("category") or obj.get("categories"),
             obj.get("brand"), obj.get("price"))
 
 
-def _meta_fields_2023(obj: dict):
+def meta_fields_2023(obj: dict):
     return (_first_str(obj.get("parent_asin")), obj.get("title"), obj.get("categories"),
             obj.get("store"), obj.get("price"))
 
@@ -127,9 +127,9 @@ def read_items(fmt: str, meta: str | Path, log: BadInputLog, *, max_text_chars: 
                                  columns=columns or {})
     if fmt == "recbole":
         return _read_items_recbole(path, log, max_text_chars=max_text_chars, max_price=max_price)
-    if fmt not in FORMATS:
-        raise InputError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    fields = _meta_fields_2018 if fmt == "amazon2018" else _meta_fields_2023
+    if fmt not in PACK_FORMATS:
+        raise InputError(f"unknown format {fmt!r}; expected one of {PACK_FORMATS}")
+    fields = meta_fields_2018 if fmt == "amazon2018" else meta_fields_2023
     items: dict[str, RawItem] = {}
     records = 0
     for lineno, obj in iter_json_lines(path, log, progress):
@@ -320,7 +320,7 @@ def read_interactions(fmt: str, path: str | Path, log: BadInputLog, progress: bo
     keys = {"amazon2018": ("reviewerID", "asin", "unixReviewTime"),
             "amazon2023": ("user_id", "parent_asin", "timestamp")}
     if fmt not in keys:
-        raise InputError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+        raise InputError(f"unknown format {fmt!r}; expected one of {PACK_FORMATS}")
     return _interactions_from_json(path, log, *keys[fmt], progress=progress)
 
 

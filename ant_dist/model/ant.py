@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..losses import SCORES
+from ..config import SCORES
 from .irl import IRL, IRLConfig, ItemOutput
 from .sasrec import SASRec, SASRecConfig
 

@@ -22,9 +22,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..config import RelearnConfig
-from ..losses import SCORES
-from ..methods import ITEM_REPRS, MODES, method_of
+from ..config import ConfigError, RelearnConfig, check_choices
+from ..methods import method_of
 from ..model.ant import ANT, ANTConfig
 from ..model.irl import IRLConfig
 from ..model.sasrec import SASRecConfig
@@ -55,12 +54,10 @@ def check_target_config(cfg: RelearnConfig) -> None:
     if cfg.domain:
         cfg.domains = [d.strip() for d in cfg.domain.split(",") if d.strip()]
     problems = []
-    if cfg.mode not in MODES:
-        problems.append(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
-    if cfg.item_repr not in ITEM_REPRS:
-        problems.append(f"item_repr must be one of {', '.join(ITEM_REPRS)}, got {cfg.item_repr!r}")
-    if cfg.score not in ("",) + SCORES:
-        problems.append(f"score must be cos, dot or empty (the method's own), got {cfg.score!r}")
+    try:  # a RelearnConfig built in code has not been through load_config
+        check_choices(cfg)
+    except ConfigError as exc:
+        problems.append(str(exc))
     if cfg.mode != "scratch" and not cfg.pretrained:
         problems.append(f"mode={cfg.mode} starts from a pre-trained model: set pretrained=runs/<run>/model")
     if cfg.pretrained and not (Path(cfg.pretrained) / "model_config.json").is_file():

@@ -18,9 +18,9 @@ from typing import Optional
 
 import torch
 
+from ..config import TRACKERS
 from . import TrainError
 
-TRACKERS = ("wandb", "tensorboard", "none")
 
 
 def wandb_key_configured() -> bool:
