@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .methods import ITEM_REPRS, METHODS, MODES
+from .runtime.atomic import write_text_atomic
 
 T = TypeVar("T")
 
@@ -198,9 +199,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
     """Write the fully resolved config as YAML (so any run can be repeated from its folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    tmp.replace(path)
+    write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 def _usage_error(message: str) -> None:

@@ -47,8 +47,8 @@ from .data.feature_table import (
     verify,
     write_manifest,
 )
-from .data.pack import CATALOG
-from .data.shards import SHARD_PATTERN, shard_paths, shard_problem
+from .data.layout import CATALOG, SHARD_PATTERN
+from .data.shards import shard_paths, shard_problem
 from .embed_data import ShardItems
 from .encoders import (
     EncoderError,

@@ -11,15 +11,15 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .data.layout import IMAGE_EXTENSIONS
 from .data.shards import iter_shard_samples
 from .encoders import decode_image
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def _image_fields(sample: dict) -> list[str]:
     """Keys holding image bytes: 'jpg', 'png', 'webp', or numbered ones like '1.jpg' (sorted)."""
-    return sorted(k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1] in IMAGE_EXTS)
+    return sorted(k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
 
 
 class ShardItems(IterableDataset):

@@ -42,8 +42,9 @@ from tqdm.auto import tqdm
 
 from . import staging
 from .config import ExportRecboleConfig, parse_cli
-from .data.pack import CATALOG, INTERACTIONS, REPORT
+from .data.layout import CATALOG, INTERACTIONS, PACK_REPORT
 from .data.shards import iter_shard_samples, shard_paths
+from .runtime.atomic import atomic_path, write_text_atomic
 from .locking import LockedError, exclusive_dir_lock
 
 RECORD = "export_recbole.json"
@@ -73,7 +74,7 @@ class PackedDomain:
 # ----------------------------------------------------------------------------- reading
 def _snapshot(domain_dir: Path) -> list:
     """Identity of every packed file: a packer that rewrites the folder changes it."""
-    names = [CATALOG, INTERACTIONS, REPORT, *(Path(p).name for p in shard_paths(domain_dir))]
+    names = [CATALOG, INTERACTIONS, PACK_REPORT, *(Path(p).name for p in shard_paths(domain_dir))]
     out = []
     for n in names:
         try:
@@ -90,15 +91,15 @@ def _check_complete(domain_dir: Path) -> dict:
     if not (domain_dir / CATALOG).is_file():
         raise ExportError(f"{domain_dir} is not a completely packed domain: no {CATALOG} (the packer writes it "
                           f"last; it has not finished, failed, or is running now)")
-    for name in (REPORT, INTERACTIONS):
+    for name in (PACK_REPORT, INTERACTIONS):
         if not (domain_dir / name).is_file():
             raise ExportError(f"{domain_dir} is not a completely packed domain: no {name}")
     try:
-        report = json.loads((domain_dir / REPORT).read_text())
+        report = json.loads((domain_dir / PACK_REPORT).read_text())
     except (OSError, ValueError) as exc:
-        raise ExportError(f"{domain_dir / REPORT}: unreadable ({exc})") from None
+        raise ExportError(f"{domain_dir / PACK_REPORT}: unreadable ({exc})") from None
     if report.get("status") != "complete":
-        raise ExportError(f"{domain_dir}: {REPORT} says status={report.get('status')!r}, not 'complete'")
+        raise ExportError(f"{domain_dir}: {PACK_REPORT} says status={report.get('status')!r}, not 'complete'")
     if not shard_paths(domain_dir):
         raise ExportError(f"{domain_dir} is not a completely packed domain: no items-*.tar shards")
     return report
@@ -189,38 +190,22 @@ def price_field(price: Optional[float]) -> str:
     return np.format_float_positional(price, trim="-")
 
 
-def _replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-
-
 def write_inter(path: Path, d: PackedDomain) -> None:
     """The .inter file: user by user, each user's rows in the packed order (see the tie rule)."""
     users = d.user_ids.take(pa.array(np.repeat(np.arange(len(d.lengths)), d.lengths)))
     table = pa.table({"user_id": users, "item_id": d.item_ids.take(pa.array(d.item_rows)),
                       "timestamp": pa.array(d.timestamps, pa.int64())})
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as fh:
         fh.write(b"user_id:token\titem_id:token\ttimestamp:float\n")
         pacsv.write_csv(table, fh, pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none"))
-    _replace(tmp, path)
 
 
 def write_item(path: Path, d: PackedDomain, with_price: bool) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
         fh.write("item_id:token\ttext:token_seq" + ("\tprice:float" if with_price else "") + "\n")
         for item_id, text, price in zip(d.item_ids.to_pylist(), d.texts, d.prices):
             fields = [item_id, token_seq_field(text)] + ([price_field(price)] if with_price else [])
             fh.write("\t".join(fields) + "\n")
-    _replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _replace(tmp, path)
 
 
 def recbole_options(max_seq_len: int, with_price: bool) -> dict:
@@ -269,8 +254,8 @@ def _write_export(out: Path, name: str, domain_dir: Path, d, with_price: bool) -
     pack_cfg = d.report.get("config", {})
     max_seq_len = int(pack_cfg.get("max_seq_len", d.report.get("filtering", {}).get("max_seq_len", 50)))
     options = recbole_options(max_seq_len, with_price)
-    _write_text(out / RECBOLE_YAML, "# RecBole options for this export (python -m ant_dist.export_recbole)\n"
-                + OmegaConf.to_yaml(OmegaConf.create(options)))
+    write_text_atomic(out / RECBOLE_YAML, "# RecBole options for this export (python -m ant_dist.export_recbole)\n"
+                      + OmegaConf.to_yaml(OmegaConf.create(options)), fsync=True)
     ties = int((within_user_steps(d.timestamps, d.lengths) == 0).sum())
     record = {
         "dataset": name, "domain": d.report.get("domain"), "source": str(domain_dir.resolve()),
@@ -290,7 +275,7 @@ def _write_export(out: Path, name: str, domain_dir: Path, d, with_price: bool) -
                 "RecBole; a text starting with a quote or equal to a missing-value marker gets one leading "
                 "space. Images are not exported.",
     }
-    _write_text(out / RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n", fsync=True)
     return record
 
 

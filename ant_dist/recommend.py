@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .config import parse_cli, RecommendConfig
 from .data.feature_table import read_manifest
-from .data.pack import CATALOG
+from .data.layout import CATALOG
 from .data.shards import iter_shard_samples, shard_paths
 from .losses import score_vectors
 from .model.ant import ANT

@@ -37,6 +37,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from .config import ConfigError, ReproduceConfig, parse_cli
+from .data.feature_table import MANIFEST
 from .locking import die_with_parent
 from .pipeline.launcher import launch_command
 from .reproduce_plan import Stage, Task, build_plan, layout, select_runs, write_rated_meta
@@ -202,7 +203,7 @@ def is_done(task: Task) -> bool:
         return False  # select and report always run: the runs may have changed
     for d in task.done_tables:
         try:
-            if not json.loads((Path(d) / "manifest.json").read_text()).get("complete"):
+            if not json.loads((Path(d) / MANIFEST).read_text()).get("complete"):
                 return False
         except (OSError, ValueError):
             return False

@@ -11,7 +11,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from .config import ConfigError, RelearnConfig, ReproduceConfig
 from .methods import METHODS, method_options
+from .runtime.atomic import atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -264,15 +264,13 @@ def write_rated_meta(meta: str, ratings: str, out: str, min_ratings: int) -> dic
     counts = pc.value_counts(read_interactions("amazon2018", ratings, log, progress=False).items)
     rated = set(counts.field("values").filter(pc.greater_equal(counts.field("counts"), min_ratings)).to_pylist())
     kept = total = 0
-    tmp = Path(out + ".tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(tmp, "wt", encoding="utf-8") as fh:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp, gzip.open(tmp, "wt", encoding="utf-8") as fh:
         for _, obj in iter_json_lines(Path(meta), log):
             total += 1
             if meta_fields_2018(obj)[0] in rated:
                 kept += 1
                 fh.write(json.dumps(obj) + "\n")
-    os.replace(tmp, out)
     print(f"fetch: {kept} of {total} items of {meta} have >= {min_ratings} ratings -> {out}", flush=True)
     return {"kept": kept, "total": total}
 

@@ -18,7 +18,8 @@ from typing import Optional
 import numpy as np
 import pyarrow.parquet as pq
 
-from .pack import CATALOG
+from ..runtime.atomic import write_json_atomic
+from .layout import CATALOG
 from .shards import shard_paths
 
 TABLES = ("text", "image", "price", "has_image", "done")
@@ -72,10 +73,7 @@ def read_manifest(feature_dir: str | Path) -> Optional[dict]:
 
 
 def write_manifest(feature_dir: str | Path, manifest: dict) -> None:
-    p = Path(feature_dir) / MANIFEST
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, p)
+    write_json_atomic(Path(feature_dir) / MANIFEST, manifest)
 
 
 def identity(manifest: dict) -> dict:

@@ -30,6 +30,7 @@ from typing import Iterator, Optional, Sequence
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, FetchConfig, check_choices, parse_cli
+from ..runtime.atomic import write_json_atomic
 from ..locking import LockedError, exclusive_dir_lock
 from .image_download import PART, Downloader, FetchResult, is_http_url
 from .raw_readers import meta_fields_2018, meta_fields_2023, index_images, iter_json_lines
@@ -137,12 +138,6 @@ def remove_stale_parts(folder: Path) -> int:
     return len(stale)
 
 
-def _write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def fetch_images(cfg: FetchConfig, stop: Optional[threading.Event] = None) -> dict:
     """Download every item's image into cfg.images; returns (and writes) the report."""
     _check(cfg)
@@ -231,7 +226,7 @@ def fetch_images(cfg: FetchConfig, stop: Optional[threading.Event] = None) -> di
             "images_per_s": round(counts["ok"] / seconds, 1) if seconds > 0 else None,
             "config": dataclasses.asdict(cfg),
         }
-        _write_json(report, folder / REPORT)
+        write_json_atomic(folder / REPORT, report)
     return report
 
 

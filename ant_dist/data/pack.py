@@ -20,7 +20,6 @@ worker writing shards behind while its rerun writes the same paths.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import time
@@ -32,8 +31,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, PackConfig, check_choices, save_config
 from .. import staging
+from ..config import ConfigError, PackConfig, check_choices, save_config
+from ..runtime.atomic import atomic_path, write_json_atomic
 from ..locking import die_with_parent, exclusive_dir_lock
 from .cleaning import normalise_price
 from .filtering import (duplicate_mask, group_offsets, k_core_filter, most_recent, sort_interactions,
@@ -41,11 +41,8 @@ from .filtering import (duplicate_mask, group_offsets, k_core_filter, most_recen
 from .decoding import format_hint
 from .raw_readers import InputError, index_images, read_interactions, read_items
 from .report import BadInputLog
-from .shards import SHARD_PATTERN, ShardItem, plan_shards, write_shard
-
-CATALOG = "catalog.parquet"
-INTERACTIONS = "interactions.parquet"
-REPORT = "pack_report.json"
+from .layout import CATALOG, INTERACTIONS, PACK_REPORT, SHARD_PATTERN
+from .shards import ShardItem, plan_shards, write_shard
 
 
 class PackError(RuntimeError):
@@ -53,15 +50,8 @@ class PackError(RuntimeError):
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-
-
-def _write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def failed_report_path(out: Path) -> Path:
@@ -69,14 +59,14 @@ def failed_report_path(out: Path) -> Path:
     else beside it (a good earlier pack is never touched)."""
     if (out / CATALOG).exists():
         return out.parent / f"{out.name}.failed_pack_report.json"
-    return out / REPORT
+    return out / PACK_REPORT
 
 
 def _fail(report: dict, log: BadInputLog, out: Path, error: str) -> None:
     """Record a failed pack (no catalog is written) and stop."""
     report.update(log.as_dict(), status="failed", error=error)
     path = failed_report_path(out)
-    _write_json(report, path)
+    write_json_atomic(path, report)
     raise PackError(f"{report['domain']}: {error}; see {path}")
 
 
@@ -221,7 +211,7 @@ def _pack_into(cfg: PackConfig, final: Path, out: Path, t0: float) -> dict:
                           "items_with_price": int(sum(p is not None for p in prices))},
                   config={k: getattr(cfg, k) for k in ("min_core", "max_seq_len", "max_text_chars",
                                                        "price_cap", "max_price", "tie_break")})
-    _write_json(report, out / REPORT)
+    write_json_atomic(out / PACK_REPORT, report)
     save_config(cfg, out / "pack_config.yaml")
     catalog = pa.table({
         "row": pa.array(np.arange(len(kept_ids)), pa.int64()),

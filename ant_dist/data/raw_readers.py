@@ -26,12 +26,12 @@ from tqdm.auto import tqdm
 from ..config import PACK_FORMATS
 from .cleaning import item_text, parse_price, validate_price
 from .decoding import MAX_TIMESTAMP, format_hint, text_columns, timestamp_ok
+from .layout import IMAGE_EXTENSIONS
 from .report import BadInputLog
 
 # accepted column names of format=table, by our name (the `columns` option maps any others)
 ALIASES = {"id": ("id", "item_id"), "text": ("text", "title"), "price": ("price",), "image": ("image",),
            "user": ("user", "user_id"), "item": ("item", "item_id"), "timestamp": ("timestamp", "time")}
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 class InputError(ValueError):

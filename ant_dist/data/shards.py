@@ -18,9 +18,8 @@ from typing import Iterator, Optional
 from PIL import Image
 
 from .cleaning import safe_key
+from .layout import IMAGE_FORMATS, SHARD_GLOB
 
-SHARD_PATTERN = "items-{:06d}.tar"
-IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 # Decompression-bomb guard: catalogue images are small; refuse anything absurd.
 MAX_IMAGE_PIXELS = 50_000_000
 
@@ -114,7 +113,7 @@ def plan_shards(sizes: list[int], max_items: int, max_bytes: int) -> list[tuple[
 
 
 def shard_paths(domain_dir: str | Path) -> list[str]:
-    return sorted(str(p) for p in Path(domain_dir).glob("items-*.tar"))
+    return sorted(str(p) for p in Path(domain_dir).glob(SHARD_GLOB))
 
 
 def shard_problem(path: str | Path, expected_items: int) -> Optional[str]:

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..data.pack import CATALOG, INTERACTIONS
+from ..data.layout import CATALOG, INTERACTIONS
 from . import TrainError
 
 
