@@ -22,6 +22,7 @@ from typing import Optional
 
 from .config import PretrainConfig, parse_cli
 from .train.entry import is_main_process, run_stage
+from .train.stage import Stage
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -36,7 +37,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"pretrain: done: {summary['step']} steps on {summary['world_size']} process(es) in "
               f"{summary['seconds']:.0f}s; {shown}; model: {os.path.join(cfg.out, cfg.run_name, 'model')}")
 
-    return run_stage(cfg, "pretrain", done)
+    return run_stage(cfg, Stage("pretrain"), done)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,13 @@ from pathlib import Path
 from typing import Optional
 
 from .config import RelearnConfig, parse_cli
-from .train.data import validation_users
+from .train import TrainError
+from .train.data import Corpus, validation_users
 from .train.entry import is_main_process, run_stage
 from .train.evaluate import evaluate
 from .train.pretrained_arch import adopt_architecture, explicit_options
+from .train.selection import Selection, check_metric
+from .train.stage import FinishContext, Stage
 from .train.target import ablation_names, build_target_model, check_target_config, method_label, trainable_summary
 
 METRICS_FORMAT = "ant-dist-metrics/1"
@@ -44,18 +47,39 @@ def _pretrain_seed(cfg: RelearnConfig) -> Optional[int]:
     return config.get("seed")
 
 
-def write_results(cfg: RelearnConfig, started: float, ctx: dict) -> dict:
+def _option_problems(cfg: RelearnConfig) -> list[str]:
+    """Re-learning's own options, checked by the loop with its own so that one message lists them all."""
+    problems = []
+    try:
+        check_metric(cfg.select_metric)
+    except TrainError as exc:
+        problems.append(str(exc))
+    if not 0 < cfg.train_users_fraction <= 1:
+        problems.append(f"train_users_fraction must be in (0, 1], got {cfg.train_users_fraction}")
+    return problems
+
+
+def _subsample_users(cfg: RelearnConfig, corpus: Corpus) -> None:
+    if cfg.train_users_fraction < 1:
+        corpus.subsample_train_users(cfg.train_users_fraction, cfg.train_users_seed)
+
+
+def _selection(cfg: RelearnConfig) -> Selection:
+    return Selection(cfg.select_metric, cfg.patience_steps, cfg.min_epochs)
+
+
+def write_results(cfg: RelearnConfig, started: float, ctx: FinishContext) -> dict:
     """The finish hook: validation and test of the best weights on every target user -> metrics.json."""
-    model, corpus, selection = ctx["model"], ctx["corpus"], ctx["selection"]
+    model, corpus, selection = ctx.model, ctx.corpus, ctx.selection
     users = validation_users(corpus, 0, cfg.seed)
     splits = {}
     for split in ("valid", "test"):
-        splits[split] = evaluate(model, ctx["features"], corpus, users, split, cfg.max_len, cfg.exclude_history,
-                                 cfg.exact_chunk, ctx["device"], ctx["rank"], ctx["world"], ctx["gather"])
+        splits[split] = evaluate(model, ctx.features, corpus, users, split, cfg.max_len, cfg.exclude_history,
+                                 cfg.exact_chunk, ctx.device, ctx.rank, ctx.world, ctx.gather)
         for d, u in zip(corpus.names, users):
             splits[split][d]["user_ids"] = (u - corpus.user_offsets[corpus.names.index(d)]).tolist()
-    ctx["log"]({f"test/{d}/{k}": v for d, r in splits["test"].items() for k, v in r["mean"].items()},
-               step=ctx["summary"]["step"])
+    ctx.log({f"test/{d}/{k}": v for d, r in splits["test"].items() for k, v in r["mean"].items()},
+            step=ctx.summary["step"])
     result = {
         "format": METRICS_FORMAT, "run_name": cfg.run_name, "method": method_label(cfg), "mode": cfg.mode,
         "item_repr": cfg.item_repr, "ablations": [f"-{a}" for a in ablation_names(cfg)], "seed": cfg.seed,
@@ -63,13 +87,13 @@ def write_results(cfg: RelearnConfig, started: float, ctx: dict) -> dict:
         "train_users_fraction": cfg.train_users_fraction, "domains": corpus.names,
         "select_metric": cfg.select_metric,
         "best": {"step": selection.best_step, "epoch": selection.best_epoch, "value": selection.best_value},
-        "epochs": ctx["summary"]["epochs"], "steps": ctx["summary"]["step"],
+        "epochs": ctx.summary["epochs"], "steps": ctx.summary["step"],
         "trainable": trainable_summary(model), "wall_s": round(time.time() - started, 2),
         "valid": splits["valid"], "test": splits["test"], "curve": selection.curve,
         "config": {k: v for k, v in vars(cfg).items()},
     }
-    if ctx["main"]:
-        path = ctx["run_dir"] / "metrics.json"
+    if ctx.main:
+        path = ctx.run_dir / "metrics.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         os.replace(tmp, path)
@@ -96,8 +120,9 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{cfg.select_metric} {summary['best']['value']:.4f} at epoch {summary['best']['epoch']}; "
               f"test {shown}; results: {os.path.join(cfg.out, cfg.run_name, 'metrics.json')}")
 
-    return run_stage(cfg, "relearn", done, prepare=prepare,
-                     make_model=build_target_model, finish=lambda ctx: write_results(cfg, started, ctx))
+    stage = Stage("relearn", make_model=build_target_model, check=_option_problems, subsample=_subsample_users,
+                  selection=_selection, finish=lambda ctx: write_results(cfg, started, ctx))
+    return run_stage(cfg, stage, done, prepare=prepare)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from ..locking import die_with_launcher
 from ..teardown import close_process_group
 from . import TrainError
 from .loop import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, NonFiniteError, Stopped, run
+from .stage import Stage
 
 
 def is_main_process() -> bool:
@@ -24,23 +25,22 @@ def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def run_stage(cfg, stage: str, on_done: Callable[[dict], None], prepare: Callable[[], None] | None = None,
-              **hooks) -> int:
+def run_stage(cfg, stage: Stage, on_done: Callable[[dict], None], prepare: Callable[[], None] | None = None) -> int:
     """Run `stage`; `prepare` may raise TrainError before anything starts; `on_done(summary)` runs on
     success (on every process: print only on the main one)."""
     die_with_launcher()  # a killed launcher then stops this process like SIGTERM does
     try:
         if prepare is not None:
             prepare()
-        summary = run(cfg, stage=stage, **hooks)
+        summary = run(cfg, stage)
     except NonFiniteError as exc:
-        say(f"{stage}: stopped: {exc}")
+        say(f"{stage.name}: stopped: {exc}")
         return EXIT_NONFINITE
     except Stopped as exc:
-        say(f"{stage}: {exc}")
+        say(f"{stage.name}: {exc}")
         return EXIT_PREEMPTED
     except TrainError as exc:
-        say(f"{stage}: error: {exc}")
+        say(f"{stage.name}: error: {exc}")
         return EXIT_BAD_INPUT
     finally:
         close_process_group()

@@ -1,8 +1,10 @@
-"""The training loop, shared by pre-training and re-learning. Read it top to bottom.
+"""The training loop, shared by pre-training and re-learning. Read `run` top to bottom.
 
 One optimizer step = one global batch of `batch_size` sequences, split over the processes.
 Around it: per-step seeding (so resume replays every random draw), a guard against non-finite
 losses and gradients, logging, validation, checkpoints, and a clean stop on SIGTERM/SIGUSR1.
+What differs between the stages comes in as a `Stage` (stage.py); the engine set-up (DDP or
+DeepSpeed, precision, torch.compile) lives in engine.py.
 
 Exit codes (documented in docs/training.md): 0 done, 2 bad input or configuration,
 3 non-finite loss or gradient (the last good checkpoint is kept), 75 stopped by a signal after
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import ExitStack
 from dataclasses import asdict
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import PretrainConfig, RelearnConfig, save_config
+from ..config import PretrainConfig, save_config
 from ..locking import LockedError, exclusive_dir_lock, loader_worker_init
 from ..losses import NegativeSampler
 from ..model.ant import ANT, ANTConfig
@@ -29,22 +30,16 @@ from ..model.irl import IRLConfig
 from ..model.sasrec import SASRecConfig
 from ..signals import flag_stop_signals
 from . import TrainError
-from .checkpoint import (
-    deepspeed_resized,
-    export_model,
-    find_resume_checkpoint,
-    load_checkpoint,
-    load_model_weights,
-    save_checkpoint,
-)
+from .checkpoint import export_model, find_resume_checkpoint, load_model_weights
 from .data import Corpus, EpochBatches, epoch_batches, epoch_order, read_domain, step_seed, validation_users
-from .evaluate import evaluate
-from .features import load_catalog_features
+from .engine import compile_in_place, configure_deepspeed, make_accelerator, uses_deepspeed
+from .engine import deepspeed_precision  # noqa: F401  (tests import it from its old home, here)
+from .features import CatalogFeatures, load_catalog_features
 from .objective import TrainObjective
 from .resume_check import check_resume
-from .selection import Selection, check_metric
-from .tracking import (MetricsLog, accelerate_log_with, memory_record, param_digest, start_trackers,
-                       validation_line)
+from .session import Progress, TrainingSession
+from .stage import FinishContext, Stage
+from .tracking import MetricsLog, memory_record, param_digest, start_trackers
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3, 75
 
@@ -57,7 +52,7 @@ class Stopped(Exception):
     """A stop signal arrived; a checkpoint was written at the step boundary."""
 
 
-def _validate(cfg: PretrainConfig) -> None:
+def _validate(cfg: PretrainConfig, stage: Stage) -> None:
     problems = []
     if cfg.loss not in ("sampled", "exact"):
         problems.append(f"loss must be sampled or exact, got {cfg.loss!r}")
@@ -74,13 +69,8 @@ def _validate(cfg: PretrainConfig) -> None:
         problems.append("n_negatives must be >= 1 with loss=sampled")
     if not cfg.domains:
         problems.append("domains is empty: name the domains to train on")
-    if isinstance(cfg, RelearnConfig):
-        try:
-            check_metric(cfg.select_metric)
-        except TrainError as exc:
-            problems.append(str(exc))
-        if not 0 < cfg.train_users_fraction <= 1:
-            problems.append(f"train_users_fraction must be in (0, 1], got {cfg.train_users_fraction}")
+    if stage.check is not None:
+        problems += stage.check(cfg)
     if problems:
         raise TrainError("; ".join(problems))
 
@@ -98,6 +88,15 @@ def _lr_factor(cfg: PretrainConfig, total_steps: int, steps_per_epoch: int):
     return factor
 
 
+def _schedule(cfg: PretrainConfig, optimizer, n_train: int, trains: bool):
+    """The lr schedule, and the run's length in optimizer steps (0 when nothing trains: evaluation only)."""
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total_steps = cfg.max_epochs * steps_per_epoch if trains else 0
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, total_steps, steps_per_epoch)), total_steps
+
+
 def build_model(cfg: PretrainConfig, text_dim: int, image_dim: int) -> ANT:
     return ANT(ANTConfig(
         item_source="irl",
@@ -105,33 +104,6 @@ def build_model(cfg: PretrainConfig, text_dim: int, image_dim: int) -> ANT:
                       dropout=cfg.irl_dropout, beta=cfg.beta, gate_noise=cfg.gate_noise),
         sasrec=SASRecConfig(hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads, max_len=cfg.max_len,
                             dropout=cfg.dropout, ffn_mult=cfg.ffn_mult)))
-
-
-def use_bf16(cfg: PretrainConfig) -> bool:
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
-
-
-def deepspeed_precision(ds: dict, bf16: bool) -> None:
-    """bf16 under DeepSpeed the way DDP has it: fp32 weights, bf16 autocast in the forward.
-    DeepSpeed's own `bf16.enabled` would cast the whole model to bf16 (the item model keeps its
-    inputs in fp32); a JSON that sets `torch_autocast` or enables bf16/fp16 itself is left alone."""
-    explicit = [k for k in ("bf16", "fp16") if str(ds.get(k, {}).get("enabled", "false")).lower() == "true"]
-    if bf16 and "torch_autocast" not in ds and not explicit:
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-
-
-def _make_accelerator(cfg: PretrainConfig, run_dir: Path):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=not cfg.gate_noise)]
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # DeepSpeed on CPU needs it said
-    kwargs = {}
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":  # DeepSpeed: deepspeed_precision
-        kwargs["mixed_precision"] = "bf16" if use_bf16(cfg) else "no"
-    return Accelerator(log_with=accelerate_log_with(cfg.tracker), project_dir=str(run_dir),
-                       kwargs_handlers=handlers, **kwargs)
 
 
 def _lock_run_dir(accelerator, run_dir: Path, stack: ExitStack) -> None:
@@ -150,61 +122,118 @@ def _lock_run_dir(accelerator, run_dir: Path, stack: ExitStack) -> None:
         raise TrainError(message[0])
 
 
-def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=None) -> dict:
+def _load_data(cfg: PretrainConfig, stage: Stage, accelerator):
+    """Sequences of every domain as one corpus over the joint catalog, its features, the negatives' sampler."""
+    with accelerator.main_process_first():  # the first reader builds the Arrow cache
+        domains, offset = [], 0
+        for name in cfg.domains:
+            domains.append(read_domain(cfg.shards, name, offset))
+            offset += domains[-1].n_items
+    corpus = Corpus(domains)
+    if stage.subsample is not None:
+        stage.subsample(cfg, corpus)
+    features = load_catalog_features(cfg.features, cfg.shards, corpus.names, [d.n_items for d in domains],
+                                     cfg.features_on, cfg.features_device_max_gb, accelerator.device)
+    world = accelerator.num_processes
+    if len(corpus.train_users) < world:
+        raise TrainError(f"{len(corpus.train_users)} training sequences cannot feed {world} processes")
+    popularity = torch.from_numpy(corpus.popularity()).float()
+    sampler = None
+    if cfg.loss == "sampled":
+        sampler = NegativeSampler(corpus.n_items, popularity, cfg.sampler_alpha if cfg.sampler == "popularity"
+                                  else 0.0)
+    return corpus, features, popularity, sampler
+
+
+def _open_trace(run_dir: Path, rank: int, stack: ExitStack):
+    """trace/rank-<r>.jsonl: the sequences this process trained at each step, for the data-plan checks."""
+    (run_dir / "trace").mkdir(exist_ok=True)
+    return stack.enter_context(open(run_dir / "trace" / f"rank-{rank}.jsonl", "a"))
+
+
+def _epoch_loader(cfg: PretrainConfig, corpus: Corpus, features: CatalogFeatures, sampler, progress: Progress,
+                  bounds: list, rank: int, world: int):
+    """This process's batches of the epoch in progress, from its `bounds` on (the global batches left)."""
+    batches = EpochBatches(corpus, epoch_order(len(corpus.train_users), cfg.seed, progress.epoch), bounds,
+                           progress.step, rank, world, cfg.max_len, cfg.seed,
+                           cfg.n_negatives if cfg.loss == "sampled" else 0,
+                           sampler.probs if sampler else None, cfg.shared_negatives,
+                           features if features.placement == "mmap" else None)
+    return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.num_workers,
+                                       prefetch_factor=4 if cfg.num_workers else None,
+                                       worker_init_fn=loader_worker_init())
+
+
+def _reduce_step(accelerator, out: dict, n_global: int, stop_flagged: bool) -> tuple[float, float, bool]:
+    """One all-reduce for the losses and the stop flag, so every process stops at the same step."""
+    world = accelerator.num_processes
+    summed = torch.stack([out["rec_sum"].float(), out["align"].float(),
+                          torch.tensor(float(stop_flagged), device=accelerator.device)])
+    if world > 1:
+        summed = accelerator.reduce(summed, "sum")
+    return float(summed[0]) / max(n_global, 1), float(summed[1]) / world, bool(summed[2] > 0)
+
+
+def _check_finite(rec: float, align: float, grad_norm: float, step: int, deepspeed: bool, grad_clip: float,
+                  run_dir: Path) -> None:
+    """Raise before the update, so the last checkpoint is the last good state."""
+    # DeepSpeed computes the gradient norm only when it clips: without clipping there is none to check
+    for term, value in (("recommendation loss L_r", rec), ("alignment loss R_c", align),
+                        ("gradient norm", grad_norm if not deepspeed or grad_clip > 0 else 0.0)):
+        if not math.isfinite(value):
+            when = ("(DeepSpeed applied the update inside backward; nothing is saved)" if deepspeed
+                    else "before the update")
+            raise NonFiniteError(
+                f"step {step}: the {term} is {value}; stopping {when}. "
+                f"The last good checkpoint is kept ({_newest(run_dir)}); lower lr, check the features "
+                f"(python -m ant_dist.embed verify), or resume from it")
+
+
+def _validation_due(cfg: PretrainConfig, progress: Progress) -> bool:
+    """eval_every > 0: every N steps; 0: at the end of each epoch; -1: never during training."""
+    epoch_done = progress.consumed == 0
+    return (cfg.eval_every > 0 and progress.step % cfg.eval_every == 0) or (not cfg.eval_every and epoch_done)
+
+
+def _train_record(cfg: PretrainConfig, rec: float, align: float, grad_norm: float, lr: float, epoch: int,
+                  dt: float, sequences: int, positions: int, world: int, gather) -> dict:
+    """The figures logged every `log_every` steps; every process must call it (memory_record gathers)."""
+    return {"train/loss": rec + cfg.align_weight * align, "train/rec_loss": rec,
+            "train/align_loss": align, "train/grad_norm": grad_norm,
+            "train/lr": lr, "train/epoch": epoch,
+            "perf/step_s": dt, "perf/sequences_per_s": sequences / dt,
+            "perf/positions_per_s": positions / dt,
+            **memory_record(world, gather)}
+
+
+def run(cfg: PretrainConfig, stage: Stage) -> dict:
     """Train; returns a summary. Raises TrainError (bad input), NonFiniteError, or Stopped.
 
-    Re-learning passes a RelearnConfig and two hooks: `make_model(cfg, features, corpus)` builds
-    the model with its frozen/trainable parameters set (default: a fresh pre-training model), and
-    `finish(context)` runs on every process after training, with the best validation weights
-    loaded (test evaluation, metrics.json). With a RelearnConfig the loop also selects the best
-    validation step and stops early (selection.py).
-    """
-    from accelerate.utils import DistributedType, gather_object
+    `stage` (stage.py) names the stage and brings its hooks: the model, its option checks, the training
+    users, model selection (keep the best validation step, stop early) and `finish`, run after training."""
+    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    _validate(cfg)
+    _validate(cfg, stage)
     run_dir = Path(cfg.out) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = _make_accelerator(cfg, run_dir)
+    accelerator = make_accelerator(cfg, run_dir)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    main = accelerator.is_main_process
+    deepspeed, main = uses_deepspeed(accelerator), accelerator.is_main_process
     with ExitStack() as stack:
         _lock_run_dir(accelerator, run_dir, stack)
-        accelerator.print(f"{stage}: run folder {run_dir.resolve()} ({world} process(es))", flush=True)
+        accelerator.print(f"{stage.name}: run folder {run_dir.resolve()} ({world} process(es))", flush=True)
 
         # ---- data: sequences of every domain, one joint catalog, its features
-        with accelerator.main_process_first():  # the first reader builds the Arrow cache
-            domains, offset = [], 0
-            for name in cfg.domains:
-                domains.append(read_domain(cfg.shards, name, offset))
-                offset += domains[-1].n_items
-        corpus = Corpus(domains)
-        if isinstance(cfg, RelearnConfig) and cfg.train_users_fraction < 1:
-            corpus.subsample_train_users(cfg.train_users_fraction, cfg.train_users_seed)
-        features = load_catalog_features(cfg.features, cfg.shards, corpus.names, [d.n_items for d in domains],
-                                         cfg.features_on, cfg.features_device_max_gb, device)
-        if len(corpus.train_users) < world:
-            raise TrainError(f"{len(corpus.train_users)} training sequences cannot feed {world} processes")
-        popularity = torch.from_numpy(corpus.popularity()).float()
-        sampler = None
-        if cfg.loss == "sampled":
-            sampler = NegativeSampler(corpus.n_items, popularity, cfg.sampler_alpha if cfg.sampler == "popularity"
-                                      else 0.0)
+        corpus, features, popularity, sampler = _load_data(cfg, stage, accelerator)
+        n_train = len(corpus.train_users)
 
         # ---- model, optimizer, schedule
         torch.manual_seed(cfg.seed)
-        if make_model is None:
-            model = build_model(cfg, features.text_dim, features.image_dim)
-        else:
-            model = make_model(cfg, features, corpus)
-        if cfg.compile:  # in place: parameter names, and so checkpoints, stay those of the plain model
-            # Dynamo's DDP graph splitting fails on the item model's float arguments (torch 2.13);
-            # the compiled parts are small, so one graph each with DDP's own bucketing loses nothing
-            torch._dynamo.config.optimize_ddp = False
-            for part in (model.irl, model.sasrec):
-                if part is not None:
-                    part.compile(dynamic=True)
+        model = (stage.make_model(cfg, features, corpus) if stage.make_model is not None
+                 else build_model(cfg, features.text_dim, features.image_dim))
+        if cfg.compile:
+            compile_in_place(model)
         objective = TrainObjective(model, features, cfg.loss, cfg.tau, cfg.align_weight, sampler,
                                    popularity + 1.0, cfg.in_batch_negatives,
                                    cfg.gather_negatives and not cfg.shared_negatives, cfg.exact_chunk)
@@ -212,179 +241,99 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
         trainable = [p for p in model.parameters() if p.requires_grad]  # frozen groups never reach Adam
         optimizer = torch.optim.AdamW(trainable or [torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr,
                                       weight_decay=cfg.weight_decay)
-        steps_per_epoch = math.ceil(len(corpus.train_users) / cfg.batch_size)
-        total_steps = cfg.max_epochs * steps_per_epoch if trainable else 0  # zero-shot: evaluation only
-        if cfg.max_steps:
-            total_steps = min(total_steps, cfg.max_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, total_steps, steps_per_epoch))
+        scheduler, total_steps = _schedule(cfg, optimizer, n_train, bool(trainable))
         ckpt = find_resume_checkpoint(run_dir, cfg.resume)
         if ckpt is not None:
             check_resume(ckpt, cfg)
         if deepspeed:
-            ds = accelerator.state.deepspeed_plugin.deepspeed_config
-            if deepspeed_resized(ckpt, world):  # ZeRO shards of another process count: re-cut on load
-                ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
-            ds["train_micro_batch_size_per_gpu"] = max(1, cfg.batch_size // world)
-            ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * world
-            ds["gradient_accumulation_steps"] = 1
-            ds["gradient_clipping"] = cfg.grad_clip
-            deepspeed_precision(ds, use_bf16(cfg))
+            configure_deepspeed(accelerator, cfg, ckpt)
         # the scheduler stays unwrapped: it is stepped once per optimizer step, whatever the engine
         if trainable:
             objective, optimizer = accelerator.prepare(objective, optimizer)
         else:  # zero-shot: DDP refuses a module with nothing to train, and nothing needs syncing
             objective = objective.to(device)
 
-        # ---- resume
-        state = {"step": 0, "epoch": 0, "consumed": 0}
-        selection = None
-        if isinstance(cfg, RelearnConfig):
-            selection = Selection(cfg.select_metric, cfg.patience_steps, cfg.min_epochs)
+        # ---- resume, then the run's records begin
+        session = TrainingSession(cfg, stage, accelerator, run_dir, corpus, features, objective, optimizer,
+                                  scheduler, stage.selection(cfg) if stage.selection is not None else None,
+                                  MetricsLog(run_dir / "metrics.jsonl", main),
+                                  validation_users(corpus, cfg.eval_users, cfg.seed))
         if ckpt is not None:
-            saved = load_checkpoint(accelerator, objective, optimizer, scheduler, ckpt, deepspeed)
-            state = {k: saved[k] for k in state}
-            if selection is not None and saved.get("selection"):
-                selection = Selection.from_state(saved["selection"])
-            accelerator.print(f"resuming from {ckpt} (step {state['step']}, epoch {state['epoch']}, "
-                              f"{state['consumed']} sequences into it; written by {saved['world_size']} "
-                              f"process(es), now {world})")
+            session.resume(ckpt)
+        progress, selection, metrics_log = session.progress, session.selection, session.metrics_log
         if main:
-            save_config(cfg, run_dir / f"{stage}_config.yaml")
+            save_config(cfg, run_dir / f"{stage.name}_config.yaml")
+        engine = "deepspeed" if deepspeed else "ddp"
         start_trackers(accelerator, cfg.tracker, cfg.wandb_project, run_dir, cfg.run_name,
-                       {**asdict(cfg), "world_size": world, "engine": "deepspeed" if deepspeed else "ddp"})
-        metrics_log = MetricsLog(run_dir / "metrics.jsonl", main)
-        metrics_log.write({"event": "start", "stage": stage, "step": state["step"], "world_size": world,
-                           "engine": "deepspeed" if deepspeed else "ddp", "features_on": features.placement,
-                           "items": corpus.n_items, "train_sequences": int(len(corpus.train_users)),
-                           "resumed_from": str(ckpt) if ckpt else None})
-        val_users = validation_users(corpus, cfg.eval_users, cfg.seed)
-
-        def checkpoint() -> None:
-            save_checkpoint(accelerator, objective, optimizer, scheduler,
-                            {**state, "world_size": world, "engine": "deepspeed" if deepspeed else "ddp",
-                             "config": asdict(cfg), "selection": selection.state_dict() if selection else None},
-                            run_dir, cfg.keep_checkpoints, deepspeed)
-
-        validated_at = {"step": -1}
-
-        def validate() -> dict:
-            validated_at["step"] = state["step"]
-            t_val = time.time()
-            res = evaluate(accelerator.unwrap_model(objective).model, features, corpus, val_users, "valid",
-                           cfg.max_len, cfg.exclude_history, cfg.exact_chunk, device, rank, world, gather_object)
-            flat = {f"val/{d}/{k}": v for d, r in res.items() for k, v in r["mean"].items()}
-            if selection is not None and selection.update(state["step"], state["epoch"], res):
-                # every process computed the same figures; the main one keeps the weights
-                if main:
-                    export_model(accelerator.unwrap_model(objective).model, run_dir / "best",
-                                 {"stage": stage, "step": state["step"], "epoch": state["epoch"]})
-                flat[f"val/best_{cfg.select_metric}"] = selection.best_value
-            accelerator.log(flat, step=state["step"])
-            if main:
-                tqdm.write(validation_line(stage, state["step"], state["epoch"], flat))
-            metrics_log.write({"event": "validation", "step": state["step"], "epoch": state["epoch"], **flat,
-                               "perf/validation_s": round(time.time() - t_val, 3)})
-            return flat
+                       {**asdict(cfg), "world_size": world, "engine": engine})
+        metrics_log.write({"event": "start", "stage": stage.name, "step": progress.step, "world_size": world,
+                           "engine": engine, "features_on": features.placement, "items": corpus.n_items,
+                           "train_sequences": int(n_train), "resumed_from": str(ckpt) if ckpt else None})
 
         # ---- stop signals: flag now, act at the next step boundary (all processes agree)
         stop = stack.enter_context(flag_stop_signals())
-
-        trace = None
-        if cfg.trace_batches:
-            (run_dir / "trace").mkdir(exist_ok=True)
-            trace = stack.enter_context(open(run_dir / "trace" / f"rank-{rank}.jsonl", "a"))
-        bar = tqdm(total=total_steps, initial=state["step"], desc=stage, unit=" steps",
+        trace = _open_trace(run_dir, rank, stack) if cfg.trace_batches else None
+        bar = tqdm(total=total_steps, initial=progress.step, desc=stage.name, unit=" steps",
                    disable=not (main and cfg.progress), dynamic_ncols=True)
         objective.train()
-        last_saved, last_val, t_run = (state["step"] if ckpt else -1), {}, time.time()
-        n_train = len(corpus.train_users)
-        early_stop = False
-        while state["epoch"] < cfg.max_epochs and state["step"] < total_steps and not early_stop:
-            order = epoch_order(n_train, cfg.seed, state["epoch"])
-            bounds = epoch_batches(n_train, cfg.batch_size, state["consumed"])[:total_steps - state["step"]]
-            batches = EpochBatches(corpus, order, bounds, state["step"], rank, world, cfg.max_len, cfg.seed,
-                                   cfg.n_negatives if cfg.loss == "sampled" else 0,
-                                   sampler.probs if sampler else None, cfg.shared_negatives,
-                                   features if features.placement == "mmap" else None)
-            loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.num_workers,
-                                                 prefetch_factor=4 if cfg.num_workers else None,
-                                                 worker_init_fn=loader_worker_init())
+        t_run, early_stop = time.time(), False
+        while progress.epoch < cfg.max_epochs and progress.step < total_steps and not early_stop:
+            bounds = epoch_batches(n_train, cfg.batch_size, progress.consumed)[:total_steps - progress.step]
+            loader = _epoch_loader(cfg, corpus, features, sampler, progress, bounds, rank, world)
             t_step = time.time()
             for j, batch in enumerate(loader):
-                torch.manual_seed(step_seed(cfg.seed, state["step"], rank))
+                torch.manual_seed(step_seed(cfg.seed, progress.step, rank))
                 out = objective(batch)
                 accelerator.backward(out["loss"])
                 grad_norm = accelerator.clip_grad_norm_(objective.parameters(),
                                                         cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                summed = torch.stack([out["rec_sum"].float(), out["align"].float(),
-                                      torch.tensor(float(stop["signal"] > 0), device=device)])
-                if world > 1:
-                    summed = accelerator.reduce(summed, "sum")
-                rec = float(summed[0]) / max(batch["n_global"], 1)
-                align = float(summed[1]) / world
-                for term, value in (("recommendation loss L_r", rec), ("alignment loss R_c", align),
-                                    ("gradient norm", grad_norm if not deepspeed or cfg.grad_clip > 0 else 0.0)):
-                    if not math.isfinite(value):
-                        when = ("(DeepSpeed applied the update inside backward; nothing is saved)" if deepspeed
-                                else "before the update")
-                        raise NonFiniteError(
-                            f"step {state['step'] + 1}: the {term} is {value}; stopping {when}. "
-                            f"The last good checkpoint is kept ({_newest(run_dir)}); lower lr, check the features "
-                            f"(python -m ant_dist.embed verify), or resume from it")
-                epoch_of_batch = state["epoch"]
+                rec, align, stopping = _reduce_step(accelerator, out, batch["n_global"], stop["signal"] > 0)
+                _check_finite(rec, align, grad_norm, progress.step + 1, deepspeed, cfg.grad_clip, run_dir)
+                epoch_of_batch = progress.epoch
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                state["step"] += 1
-                state["consumed"] = bounds[j][1]
-                if state["consumed"] >= n_train:
-                    state["epoch"], state["consumed"] = state["epoch"] + 1, 0
+                progress.advance(bounds[j][1], n_train)
                 if trace is not None:
-                    trace.write(json.dumps({"step": state["step"], "epoch": epoch_of_batch,
+                    trace.write(json.dumps({"step": progress.step, "epoch": epoch_of_batch,
                                             "users": batch["users"].tolist()}) + "\n")
                     trace.flush()
                 dt = time.time() - t_step
                 t_step = time.time()
                 bar.update(1)
-                if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
-                    record = {"train/loss": rec + cfg.align_weight * align, "train/rec_loss": rec,
-                              "train/align_loss": align, "train/grad_norm": grad_norm,
-                              "train/lr": scheduler.get_last_lr()[0], "train/epoch": state["epoch"],
-                              "perf/step_s": dt, "perf/sequences_per_s": (bounds[j][1] - bounds[j][0]) / dt,
-                              "perf/positions_per_s": batch["n_global"] / dt,
-                              **memory_record(world, gather_object)}
-                    accelerator.log(record, step=state["step"])
-                    metrics_log.write({"event": "train", "step": state["step"], **record,
+                if progress.step % cfg.log_every == 0 or progress.step == total_steps:
+                    record = _train_record(cfg, rec, align, grad_norm, scheduler.get_last_lr()[0], progress.epoch,
+                                           dt, bounds[j][1] - bounds[j][0], batch["n_global"], world, gather_object)
+                    accelerator.log(record, step=progress.step)
+                    metrics_log.write({"event": "train", "step": progress.step, **record,
                                        "loss_path": accelerator.unwrap_model(objective).loss_path})
                     bar.set_postfix(loss=f"{rec:.3f}", lr=f"{record['train/lr']:.1e}")
-                epoch_done = state["consumed"] == 0
-                if (cfg.eval_every > 0 and state["step"] % cfg.eval_every == 0) or (not cfg.eval_every and epoch_done):
-                    last_val = validate()
-                    early_stop = selection is not None and selection.should_stop(state["step"], state["epoch"])
-                if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-                    checkpoint()
-                    last_saved = state["step"]
-                if summed[2] > 0:
-                    if last_saved != state["step"]:
-                        checkpoint()
-                    metrics_log.write({"event": "stopped", "step": state["step"], "signal": stop["signal"]})
+                if _validation_due(cfg, progress):
+                    session.validate()
+                    early_stop = selection is not None and selection.should_stop(progress.step, progress.epoch)
+                if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
+                    session.checkpoint()
+                if stopping:
+                    if session.saved_at != progress.step:
+                        session.checkpoint()
+                    metrics_log.write({"event": "stopped", "step": progress.step, "signal": stop["signal"]})
                     bar.close()
                     accelerator.end_training()
-                    raise Stopped(f"stopped by a signal at step {state['step']}; checkpoint written, "
+                    raise Stopped(f"stopped by a signal at step {progress.step}; checkpoint written, "
                                   f"resume with resume=auto")
                 if early_stop:
-                    metrics_log.write({"event": "early_stop", "step": state["step"], "epoch": state["epoch"],
+                    metrics_log.write({"event": "early_stop", "step": progress.step, "epoch": progress.epoch,
                                        "best_step": selection.best_step, "best_epoch": selection.best_epoch})
                     break
         bar.close()
 
         # ---- the end: checkpoint, final validation, exported model
-        if last_saved != state["step"] and state["step"] > 0:
-            checkpoint()
-        if (cfg.eval_every >= 0 or selection is not None) and validated_at["step"] != state["step"]:
-            last_val = validate()
-        unwrapped = accelerator.unwrap_model(objective).model
+        if session.saved_at != progress.step and progress.step > 0:
+            session.checkpoint()
+        if (cfg.eval_every >= 0 or selection is not None) and session.validated_at != progress.step:
+            session.validate()
+        unwrapped = session.model
         if selection is not None:  # continue with the best validation weights
             accelerator.wait_for_everyone()
             unwrapped.load_state_dict(load_model_weights(run_dir / "best"))
@@ -392,15 +341,16 @@ def run(cfg: PretrainConfig, stage: str = "pretrain", make_model=None, finish=No
         digests = gather_object([param_digest(unwrapped)])
         if main:
             export_model(unwrapped, run_dir / "model", {
-                "stage": stage, "domains": corpus.names, "items_per_domain": [d.n_items for d in domains],
-                "features": str(cfg.features), "shards": str(cfg.shards), "step": state["step"], "seed": cfg.seed})
-        summary = {"event": "end", "step": state["step"], "epochs": state["epoch"], "world_size": world,
-                   "seconds": round(time.time() - t_run, 2), "validation": last_val, "param_digests": digests}
-        if finish is not None:
-            summary.update(finish({"model": unwrapped, "features": features, "corpus": corpus, "device": device,
-                                   "rank": rank, "world": world, "gather": gather_object, "main": main,
-                                   "run_dir": run_dir, "selection": selection, "summary": summary,
-                                   "log": accelerator.log}))
+                "stage": stage.name, "domains": corpus.names, "items_per_domain": [d.n_items for d in corpus.domains],
+                "features": str(cfg.features), "shards": str(cfg.shards), "step": progress.step, "seed": cfg.seed})
+        summary = {"event": "end", "step": progress.step, "epochs": progress.epoch, "world_size": world,
+                   "seconds": round(time.time() - t_run, 2), "validation": session.last_validation,
+                   "param_digests": digests}
+        if stage.finish is not None:
+            summary.update(stage.finish(FinishContext(
+                model=unwrapped, features=features, corpus=corpus, device=device, rank=rank, world=world,
+                gather=gather_object, main=main, run_dir=run_dir, selection=selection, summary=summary,
+                log=accelerator.log)))
         metrics_log.write(summary)
         accelerator.wait_for_everyone()
         accelerator.end_training()
