@@ -22,13 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-from .config import DemoConfig, EmbedConfig, PackConfig, parse_cli, SynthConfig
-from .data.pack import pack_domain
+from .config import DemoConfig, SynthConfig, parse_cli
 from .data.synth import synthesize
-from .embed import run as run_embed
 from .encoders import minilm_path, save_random_swin
 from .methods import method_options
 from .pipeline.launcher import launch_command
+from .pipeline.world import embed_world, pack_manifest
 
 
 # Settings tuned for the synthetic world on 2 CPU cores (docs/benchmarks.md, "Convergence"):
@@ -116,14 +115,7 @@ def run_stages(cfg, root: Path, clock: StageClock) -> int:
                                       users_per_domain=cfg.users_per_domain))
     clock.lap("synthesise")
     print(f"[2/6] packing into {root / 'shards'}")
-    rows = []
-    for role in ("aux", "target"):
-        for d in manifest[role]:
-            report = pack_domain(PackConfig(domain=d["name"], format=manifest["format"], meta=d["meta"],
-                                            interactions=d["interactions"], images=d["images"],
-                                            out=str(root / "shards"), workers=cfg.workers,
-                                            shard_max_items=500, progress=cfg.progress))
-            rows.append((role, d["name"], report))
+    rows = pack_manifest(manifest, root / "shards", workers=cfg.workers, shard_max_items=500, progress=cfg.progress)
     print(f"\n{'role':6s} {'domain':12s} {'items':>7s} {'w/ image':>8s} {'w/ price':>8s} "
           f"{'users':>7s} {'interact.':>9s} {'shards':>6s} {'skipped':>7s}")
     for role, name, r in rows:
@@ -140,10 +132,9 @@ def run_stages(cfg, root: Path, clock: StageClock) -> int:
         save_random_swin(swin)
     print(f"\n[3/6] embedding into {root / 'features'} (text: all-MiniLM-L6-v2, mean pooling; "
           f"images: a random Swin at {swin})")
-    embed = run_embed(EmbedConfig(shards=str(root / "shards"), out=str(root / "features"),
-                                  text_encoder=str(minilm_path()), image_encoder=str(swin), text_pooling="mean",
-                                  overwrite=True,  # the demo re-synthesises everything: start the tables over
-                                  num_workers=min(cfg.workers, 2), progress=cfg.progress))
+    embed = embed_world(root, minilm_path(), swin,
+                        overwrite=True,  # the demo re-synthesises everything: start the tables over
+                        num_workers=min(cfg.workers, 2), progress=cfg.progress)
     print(f"feature tables: {root / 'features'}/<domain>/ (see docs/embedding.md); "
           f"check one with `python -m ant_dist.embed verify {root / 'features'}/Food`")
     clock.lap("embed")

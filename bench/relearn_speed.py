@@ -26,24 +26,19 @@ sys.path.insert(0, str(ROOT))
 def build(work: Path) -> dict:
     import pyarrow.parquet as pq
 
-    from ant_dist.config import EmbedConfig, PackConfig, SynthConfig
-    from ant_dist.data.pack import pack_domain
-    from ant_dist.data.synth import synthesize
-    from ant_dist.embed import run as embed
+    from ant_dist.config import SynthConfig
     from ant_dist.encoders import save_random_bert, save_random_swin
+    from ant_dist.pipeline.world import build_world
 
     inter = work / "shards" / "Speed" / "interactions.parquet"
     if not (work / "features" / "Speed" / "manifest.json").is_file():
-        m = synthesize(SynthConfig(out=str(work / "raw"), aux_domains=["Speed"], target_domains=[],
-                                   items_per_domain=1000, users_per_domain=1000, seq_len_min=30, seq_len_max=52,
-                                   image_size=32, progress=False))
-        d = m["aux"][0]
-        pack_domain(PackConfig(domain="Speed", meta=d["meta"], interactions=d["interactions"], images=d["images"],
-                               out=str(work / "shards"), workers=2, progress=False))
         save_random_bert(work / "bert")  # ID-SASRec never reads features; tiny encoders only make the tables exist
         save_random_swin(work / "swin", image_size=32, embed_dim=16)
-        embed(EmbedConfig(shards=str(work / "shards"), out=str(work / "features"), text_encoder=str(work / "bert"),
-                          image_encoder=str(work / "swin"), text_pooling="mean", num_workers=0, progress=False))
+        build_world(work, SynthConfig(aux_domains=["Speed"], target_domains=[], items_per_domain=1000,
+                                      users_per_domain=1000, seq_len_min=30, seq_len_max=52, image_size=32,
+                                      progress=False),
+                    work / "bert", work / "swin", pack_options={"workers": 2, "progress": False},
+                    embed_options={"num_workers": 0, "progress": False})
     lengths = [len(s) for s in pq.read_table(inter).column("items").to_pylist()]
     items = pq.read_metadata(work / "shards" / "Speed" / "catalog.parquet").num_rows
     return {"items": items, "users": len(lengths), "interactions": sum(lengths)}

@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ant_dist.config import EmbedConfig, PackConfig, SynthConfig  # noqa: E402
+from ant_dist.config import SynthConfig  # noqa: E402
 from ant_dist.demo import DEMO_PRETRAIN, relearn_command  # noqa: E402
 from ant_dist.pipeline.launcher import launch_command  # noqa: E402
 
@@ -48,10 +48,9 @@ RUN_OPTIONS = ["eval_every=5", "tracker=none", "progress=false"]
 
 
 def build_data(work: Path, target_users: int) -> None:
-    from ant_dist.data.pack import pack_domain
     from ant_dist.data.synth import synthesize
-    from ant_dist.embed import run as embed
     from ant_dist.encoders import minilm_path, save_random_swin
+    from ant_dist.pipeline.world import embed_world, pack_manifest
 
     if (work / "features" / ".done").is_file():
         return
@@ -61,14 +60,12 @@ def build_data(work: Path, target_users: int) -> None:
                                      target_render_shift=1.0, **common))]
     for a, b in zip(worlds[0]["aux"], worlds[1]["aux"]):  # one pre-training serves both shifts
         assert Path(a["interactions"]).read_bytes() == Path(b["interactions"]).read_bytes(), a["name"]
-    domains = worlds[0]["aux"] + worlds[0]["target"] + worlds[1]["target"]
-    for d in domains:
-        pack_domain(PackConfig(domain=d["name"], meta=d["meta"], interactions=d["interactions"], images=d["images"],
-                               out=str(work / "shards"), workers=2, shard_max_items=500, progress=False))
+    options = {"workers": 2, "shard_max_items": 500, "progress": False}
+    pack_manifest(worlds[0], work / "shards", **options)
+    pack_manifest(worlds[1], work / "shards", roles=("target",), **options)
     swin = work / "encoders" / "random-swin"
     save_random_swin(swin)
-    embed(EmbedConfig(shards=str(work / "shards"), out=str(work / "features"), text_encoder=str(minilm_path()),
-                      image_encoder=str(swin), text_pooling="mean", overwrite=True, num_workers=2, progress=False))
+    embed_world(work, minilm_path(), swin, overwrite=True, num_workers=2, progress=False)
     (work / "features" / ".done").write_text("ok\n")
 
 
