@@ -20,9 +20,9 @@ import os
 import sys
 from typing import Optional
 
-from .config import PretrainConfig, parse_cli
-from .train.entry import is_main_process, run_stage
-from .train.stage import Stage
+from ant_dist.config import PretrainConfig, parse_cli
+from ant_dist.train.entry import is_main_process, run_stage
+from ant_dist.train.stage import Stage
 
 
 def main(argv: Optional[list[str]] = None) -> int:

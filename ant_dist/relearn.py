@@ -27,17 +27,17 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .config import RelearnConfig, parse_cli
-from .train import TrainError
-from .train.data import Corpus, validation_users
-from .train.entry import is_main_process, run_stage
-from .train.evaluate import evaluate
-from .train.pretrained_arch import adopt_architecture, explicit_options
-from .train.selection import Selection, check_metric
-from .train.stage import FinishContext, Stage
-from .train.target import ablation_names, build_target_model, check_target_config, method_label, trainable_summary
-
-METRICS_FORMAT = "ant-dist-metrics/1"
+from ant_dist.config import RelearnConfig, parse_cli
+from ant_dist.eval.results import FORMAT, METRICS_FILE, write_metrics
+from ant_dist.train import TrainError
+from ant_dist.train.data import Corpus, validation_users
+from ant_dist.train.entry import is_main_process, run_stage
+from ant_dist.train.evaluate import evaluate
+from ant_dist.train.pretrained_arch import adopt_architecture, explicit_options
+from ant_dist.train.selection import Selection, check_metric
+from ant_dist.train.stage import FinishContext, Stage
+from ant_dist.train.target import (ablation_names, build_target_model, check_target_config, method_label,
+                                   trainable_summary)
 
 
 def _pretrain_seed(cfg: RelearnConfig) -> Optional[int]:
@@ -81,7 +81,7 @@ def write_results(cfg: RelearnConfig, started: float, ctx: FinishContext) -> dic
     ctx.log({f"test/{d}/{k}": v for d, r in splits["test"].items() for k, v in r["mean"].items()},
             step=ctx.summary["step"])
     result = {
-        "format": METRICS_FORMAT, "run_name": cfg.run_name, "method": method_label(cfg), "mode": cfg.mode,
+        "format": FORMAT, "run_name": cfg.run_name, "method": method_label(cfg), "mode": cfg.mode,
         "item_repr": cfg.item_repr, "ablations": [f"-{a}" for a in ablation_names(cfg)], "seed": cfg.seed,
         "pretrain_seed": _pretrain_seed(cfg), "pretrained": cfg.pretrained or None,
         "train_users_fraction": cfg.train_users_fraction, "domains": corpus.names,
@@ -93,10 +93,7 @@ def write_results(cfg: RelearnConfig, started: float, ctx: FinishContext) -> dic
         "config": {k: v for k, v in vars(cfg).items()},
     }
     if ctx.main:
-        path = ctx.run_dir / "metrics.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, path)
+        write_metrics(ctx.run_dir, result)
     return {"method": result["method"], "best": result["best"], "wall_s": result["wall_s"],
             "test": {d: r["mean"] for d, r in splits["test"].items()}}
 
@@ -118,7 +115,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                           for d, m in summary["test"].items())
         print(f"relearn: {summary['method']} done in {summary['wall_s']:.0f}s, best validation "
               f"{cfg.select_metric} {summary['best']['value']:.4f} at epoch {summary['best']['epoch']}; "
-              f"test {shown}; results: {os.path.join(cfg.out, cfg.run_name, 'metrics.json')}")
+              f"test {shown}; results: {os.path.join(cfg.out, cfg.run_name, METRICS_FILE)}")
 
     stage = Stage("relearn", make_model=build_target_model, check=_option_problems, subsample=_subsample_users,
                   selection=_selection, finish=lambda ctx: write_results(cfg, started, ctx))

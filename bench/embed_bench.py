@@ -34,7 +34,7 @@ def main() -> None:
     from ant_dist.config import PackConfig, SynthConfig
     from ant_dist.data.pack import pack_domain
     from ant_dist.data.synth import synthesize
-    from ant_dist.encoders import minilm_path, save_random_swin
+    from ant_dist.features.encoders import minilm_path, save_random_swin
 
     work = Path(args.work)
     shards = work / f"shards-{args.items}"

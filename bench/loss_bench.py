@@ -24,7 +24,7 @@ import torch
 
 
 def one(args) -> dict:
-    from ant_dist.losses import NegativeSampler, full_softmax, sampled_softmax
+    from ant_dist.train.losses import NegativeSampler, full_softmax, sampled_softmax
     from ant_dist.model.ant import FeatureBank
     from ant_dist.model.irl import IRL, IRLConfig
     from ant_dist.model.sasrec import SASRec, SASRecConfig

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ant_dist.pipeline.launcher import launch_command  # noqa: E402
-from ant_dist.data.feature_table import shards_fingerprint, write_manifest  # noqa: E402
+from ant_dist.features.feature_table import shards_fingerprint, write_manifest  # noqa: E402
 
 
 def make_domain(work: Path, n_items: int, seed: int = 0) -> Path:

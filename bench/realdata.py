@@ -9,7 +9,8 @@ does (iterative 5-core, stable time order, each user's last 50 interactions: 943
 items, 39,888 interactions); item texts (title and genres) through the real all-MiniLM-L6-v2
 (mean pooling). Protocol (RecBole's): leave-one-out, full ranking over all items, history not
 excluded, model selection on validation NDCG@10, test metrics from the selected step. Sizes as
-RecBole's SASRec defaults: hidden 64, 2 layers, 2 heads, max_len 50, dropout 0.5, Adam.
+RecBole's SASRec defaults: hidden 64, 2 layers, 2 heads, max_len 50, feed-forward 256 (ffn_mult=4),
+dropout 0.5, Adam.
 
 Methods, each `python -m ant_dist.relearn mode=scratch` with the settings in METHODS:
     ID-SASRec    item_repr=id (score=dot, SASRec's)
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DOMAIN = "ml-100k"
-COMMON = ["mode=scratch", "hidden=64", "n_layers=2", "n_heads=2", "max_len=50", "dropout=0.5",
+COMMON = ["mode=scratch", "hidden=64", "n_layers=2", "n_heads=2", "max_len=50", "ffn_mult=4", "dropout=0.5",
           "exclude_history=false", "select_metric=ndcg@10", "eval_users=0", "tracker=none", "progress=false",
           "resume=never"]
 # per method: the settings the issue-16 measurements chose (docs/benchmarks.md, "Real data"): lr 3e-3
@@ -60,8 +61,8 @@ def build(work: Path) -> None:
     """Pack ml-100k from the recbole wheel and embed its texts (skipped when done)."""
     from ant_dist.config import EmbedConfig, PackConfig
     from ant_dist.data.pack import pack_domain
-    from ant_dist.embed import run as embed
-    from ant_dist.encoders import minilm_path, save_random_swin
+    from ant_dist.features.embedding import run as embed
+    from ant_dist.features.encoders import minilm_path, save_random_swin
 
     if (work / "features" / DOMAIN / "manifest.json").is_file():
         return
@@ -107,7 +108,7 @@ def popularity(work: Path) -> dict:
     """Training-part counts as every user's scores, under the same protocol (history ranked too)."""
     import torch
 
-    from ant_dist.metrics import full_ranking_metrics
+    from ant_dist.eval.metrics import full_ranking_metrics
     from ant_dist.train.data import Corpus, read_domain, validation_users
 
     corpus = Corpus([read_domain(work / "shards", DOMAIN, 0)])
@@ -126,7 +127,7 @@ def popularity(work: Path) -> dict:
 
 def summarise(runs: list[dict]) -> dict:
     """Per method: mean ± std over seeds; paired t-tests (per-user values averaged over seeds) vs the baseline."""
-    from ant_dist.metrics import paired_t_test
+    from ant_dist.eval.metrics import paired_t_test
 
     by_method: dict[str, list[dict]] = {}
     for r in runs:

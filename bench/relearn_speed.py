@@ -27,7 +27,7 @@ def build(work: Path) -> dict:
     import pyarrow.parquet as pq
 
     from ant_dist.config import SynthConfig
-    from ant_dist.encoders import save_random_bert, save_random_swin
+    from ant_dist.features.encoders import save_random_bert, save_random_swin
     from ant_dist.pipeline.world import build_world
 
     inter = work / "shards" / "Speed" / "interactions.parquet"

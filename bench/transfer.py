@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ant_dist.config import SynthConfig  # noqa: E402
-from ant_dist.demo import DEMO_PRETRAIN, relearn_command  # noqa: E402
+from ant_dist.pipeline.demo import DEMO_PRETRAIN, relearn_command  # noqa: E402
 from ant_dist.pipeline.launcher import launch_command  # noqa: E402
 
 TARGETS = ("Scientific", "Office")
@@ -49,7 +49,7 @@ RUN_OPTIONS = ["eval_every=5", "tracker=none", "progress=false"]
 
 def build_data(work: Path, target_users: int) -> None:
     from ant_dist.data.synth import synthesize
-    from ant_dist.encoders import minilm_path, save_random_swin
+    from ant_dist.features.encoders import minilm_path, save_random_swin
     from ant_dist.pipeline.world import embed_world, pack_manifest
 
     if (work / "features" / ".done").is_file():
@@ -132,7 +132,7 @@ def run_jobs(work: Path, jobs, parallel: int) -> None:
 
 
 def analyse(work: Path, fractions: list[float]) -> dict:
-    from ant_dist.report import build_report
+    from ant_dist.eval.report import build_report
 
     report = build_report([str(work / "runs" / "t")], work / "report", ["recall@10", "ndcg@10"], 0.05)
     tables = {(t["domain"], t["train_users_fraction"]): t for t in report["tables"]}

@@ -53,13 +53,13 @@ def build_good(root: Path) -> Path:
     import torch
 
     from ant_dist.config import PackConfig
-    from ant_dist.data.feature_table import create_tables, read_catalog, shards_fingerprint, FeatureTables, \
+    from ant_dist.features.feature_table import create_tables, read_catalog, shards_fingerprint, FeatureTables, \
         write_manifest
     from ant_dist.data.pack import pack_domain
     from ant_dist.model.ant import ANT, ANTConfig
     from ant_dist.model.irl import IRLConfig
     from ant_dist.model.sasrec import SASRecConfig
-    from ant_dist.train.checkpoint import export_model
+    from ant_dist.model.io import export_model
 
     raw = root / "raw"
     raw.mkdir()

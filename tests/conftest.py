@@ -13,7 +13,7 @@ def world(tmp_path_factory):
     """Two auxiliary domains (Food, Home) and one target (Office), packed and embedded with tiny random
     encoders (for training tests)."""
     from ant_dist.config import SynthConfig
-    from ant_dist.encoders import save_random_bert, save_random_swin
+    from ant_dist.features.encoders import save_random_bert, save_random_swin
     from ant_dist.pipeline.world import build_world
 
     root = tmp_path_factory.mktemp("world")

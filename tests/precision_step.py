@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from ant_dist.config import PretrainConfig, RelearnConfig, load_config
-from ant_dist.losses import NegativeSampler
+from ant_dist.train.losses import NegativeSampler
 from ant_dist.train.data import Corpus, EpochBatches, epoch_batches, epoch_order, read_domain
-from ant_dist.train.features import load_catalog_features
+from ant_dist.features.catalog import load_catalog_features
 from ant_dist.train.loop import build_model
 from ant_dist.train.objective import TrainObjective
 from ant_dist.train.target import build_target_model
@@ -125,8 +125,8 @@ def _more_steps(objective: TrainObjective, batches: EpochBatches, world: int) ->
 def _alignment_per_process(world_dir: str, rank: int, world: int) -> dict:
     """docs/training.md: R_c is per process. The trainer's align term on this rank must be
     alignment_loss over this rank's own batch rows (not the global batch's)."""
-    from ant_dist.losses import alignment_loss
-    from ant_dist.train.features import BatchFeatures
+    from ant_dist.train.losses import alignment_loss
+    from ant_dist.features.catalog import BatchFeatures
 
     cfg = load_config(PretrainConfig, None, ["domains=[Food,Home]", f"shards={world_dir}/shards", "hidden=32",
                                              f"features={world_dir}/features", "dropout=0", "irl_dropout=0",

@@ -162,7 +162,7 @@ def _zero_shard(good, tmp):
     data = bytearray(shard.read_bytes())
     data[0:2048] = b"\x00" * 2048
     shard.write_bytes(bytes(data))
-    from ant_dist.encoders import save_random_bert, save_random_swin
+    from ant_dist.features.encoders import save_random_bert, save_random_swin
     save_random_bert(tmp / "bert")
     save_random_swin(tmp / "swin", image_size=32, embed_dim=16)
     return ["-m", "ant_dist.embed", f"shards={tmp / 'shards'}", f"out={tmp / 'features'}",
@@ -268,7 +268,7 @@ def _serving_occupied(good, tmp):
 
 def _embed_over_other_encoders(good, tmp):
     copy(good, tmp, "shards", "features")
-    from ant_dist.encoders import save_random_bert, save_random_swin
+    from ant_dist.features.encoders import save_random_bert, save_random_swin
     save_random_bert(tmp / "bert")
     save_random_swin(tmp / "swin", image_size=32, embed_dim=16)
     return ["-m", "ant_dist.embed", f"shards={tmp / 'shards'}", f"out={tmp / 'features'}",

@@ -19,12 +19,12 @@ from PIL import Image
 
 from ant_dist.pipeline.launcher import launch_command
 from ant_dist.config import PackConfig, SynthConfig
-from ant_dist.data.feature_table import FeatureTableError, load_features, verify
+from ant_dist.features.feature_table import FeatureTableError, load_features, verify
 from ant_dist.data.pack import pack_domain
 from ant_dist.data.shards import iter_shard_samples, shard_paths
 from ant_dist.data.synth import synthesize
-from ant_dist.encoders import ImageEncoder, TextEncoder, minilm_path, save_random_swin
-from ant_dist.locking import exclusive_dir_lock
+from ant_dist.features.encoders import ImageEncoder, TextEncoder, minilm_path, save_random_swin
+from ant_dist.runtime.locking import exclusive_dir_lock
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 

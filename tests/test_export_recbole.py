@@ -21,7 +21,7 @@ import yaml
 
 from ant_dist.config import ExportRecboleConfig, PackConfig
 from ant_dist.data.pack import pack_domain
-from ant_dist.export_recbole import cli_overrides, export_domain, main
+from ant_dist.data.export_recbole import cli_overrides, export_domain, main
 from test_real_data import _reference_sequences  # the brute-force 5-core, stable-sort, last-50 reference
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from ant_dist.data.fetch_images import (OUTCOMES, fetch_images, image_url, main,
                                         usable_as_file_stem)
 from ant_dist.data.image_download import TokenBucket, backoff_delay, is_http_url
 from ant_dist.data.synth import synthesize
-from ant_dist.locking import exclusive_dir_lock
+from ant_dist.runtime.locking import exclusive_dir_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 CDN = "https://images.example/"

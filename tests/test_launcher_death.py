@@ -3,7 +3,7 @@
 SIGKILL of `accelerate launch` itself (an OOM killer, a closed terminal) used to re-parent both
 training processes to init: they went on training, holding the run folder's lock, so the user's
 rerun was refused. Now each training process asks the kernel for SIGTERM when its launcher dies
-(locking.die_with_launcher) and stops like on any stop signal: a checkpoint at the next step
+(runtime/processes.py: die_with_launcher) and stops like on any stop signal: a checkpoint at the next step
 boundary, exit 75. The same command then resumes to the uninterrupted result, bitwise on CPU.
 """
 
@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 
-from ant_dist.locking import exclusive_dir_lock
+from ant_dist.runtime.locking import exclusive_dir_lock
 from test_pretrain import _cmd, _env, _kill_tree, _params, _records, _run, _wait_for
 
 COMMON = ["max_steps=24", "checkpoint_every=4", "log_every=1"]

@@ -1,4 +1,4 @@
-"""ant_dist.locking with real processes: a held folder is refused, and workers die with their parent."""
+"""ant_dist.runtime.locking with real processes: a held folder is refused, and workers die with their parent."""
 
 import json
 import os
@@ -10,12 +10,12 @@ import time
 import psutil
 import pytest
 
-from ant_dist.locking import LockedError, acquire_dir_lock, exclusive_dir_lock
+from ant_dist.runtime.locking import LockedError, acquire_dir_lock, exclusive_dir_lock
 
 # Takes the lock on argv[1] and holds it until its stdin is closed.
 HOLDER = """
 import sys
-from ant_dist.locking import exclusive_dir_lock
+from ant_dist.runtime.locking import exclusive_dir_lock
 with exclusive_dir_lock(sys.argv[1], "test holder"):
     sys.stdin.read()
 """
@@ -23,7 +23,7 @@ with exclusive_dir_lock(sys.argv[1], "test holder"):
 # Forks a child that asks to die with its parent and then idles forever; prints the child's pid.
 FORKER = """
 import os, signal, sys
-from ant_dist.locking import die_with_parent
+from ant_dist.runtime.processes import die_with_parent
 parent = os.getpid()
 child = os.fork()
 if child == 0:
@@ -133,11 +133,11 @@ def test_die_with_parent_kills_the_child_when_the_parent_is_killed():
 @linux_only
 def test_die_with_parent_when_the_parent_is_already_gone():
     # The parent dying between fork and the prctl call looks like a different parent pid.
-    proc = subprocess.run([sys.executable, "-c", "from ant_dist.locking import die_with_parent\n"
+    proc = subprocess.run([sys.executable, "-c", "from ant_dist.runtime.processes import die_with_parent\n"
                            "die_with_parent(-1)\nprint('still alive')"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == -signal.SIGKILL and "still alive" not in proc.stdout
-    proc = subprocess.run([sys.executable, "-c", f"from ant_dist.locking import die_with_parent\n"
+    proc = subprocess.run([sys.executable, "-c", f"from ant_dist.runtime.processes import die_with_parent\n"
                            f"die_with_parent({os.getpid()})\nprint('still alive')"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "still alive" in proc.stdout

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ant_dist.losses import (NegativeSampler, alignment_loss, full_softmax, naive_full_softmax,
+from ant_dist.train.losses import (NegativeSampler, alignment_loss, full_softmax, naive_full_softmax,
                              sampled_softmax)
 from ant_dist.model.ant import FeatureBank
 from ant_dist.model.irl import IRL, IRLConfig
@@ -75,7 +75,7 @@ def test_full_softmax_rejects_bad_targets():
 
 _MEM_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from ant_dist.losses import full_softmax
+    from ant_dist.train.losses import full_softmax
 
     def hwm_mib():  # this process's peak RSS (VmHWM), in MiB
         for line in open("/proc/self/status"):
@@ -227,7 +227,7 @@ def test_alignment_loss_hand_computed():
 
 _DIST_SCRIPT = textwrap.dedent("""
     import json, os, sys, torch, torch.distributed as dist
-    from ant_dist.losses import NegativeSampler, sampled_softmax
+    from ant_dist.train.losses import NegativeSampler, sampled_softmax
     rank = int(sys.argv[1]); out = sys.argv[2]
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[3], rank=rank, world_size=2)
     torch.manual_seed(0)
@@ -315,7 +315,7 @@ def test_in_batch_mixture_correction_counts_b_minus_one_draws():
 
 _FULL_GRAD_SCRIPT = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
-    from ant_dist.losses import NegativeSampler, sampled_softmax
+    from ant_dist.train.losses import NegativeSampler, sampled_softmax
     rank = int(sys.argv[1]); out = sys.argv[2]
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[3], rank=rank, world_size=2)
     torch.manual_seed(0)
@@ -353,7 +353,7 @@ def test_cross_rank_negatives_with_full_gradient_sum_to_the_joint_gradient(tmp_p
 
 _SHARDED_EXACT_SCRIPT = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
-    from ant_dist.losses import full_softmax
+    from ant_dist.train.losses import full_softmax
     rank = int(sys.argv[1]); out = sys.argv[2]
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[3], rank=rank, world_size=2)
     torch.manual_seed(0)
@@ -396,7 +396,7 @@ def test_exact_loss_sharded_over_ranks_equals_the_dense_loss_of_every_position(t
 
 _IN_BATCH_SCRIPT = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
-    from ant_dist.losses import NegativeSampler, sampled_softmax
+    from ant_dist.train.losses import NegativeSampler, sampled_softmax
     rank = int(sys.argv[1]); out = sys.argv[2]
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[3], rank=rank, world_size=2)
     torch.manual_seed(0)

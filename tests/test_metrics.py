@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from ant_dist.metrics import (TIE_RTOL, chunked_target_ranks, full_ranking_metrics, metrics_from_ranks, paired_t_test,
+from ant_dist.eval.metrics import (TIE_RTOL, chunked_target_ranks, full_ranking_metrics, metrics_from_ranks, paired_t_test,
                               summarise, target_ranks)
 
 

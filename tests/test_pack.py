@@ -24,7 +24,7 @@ from ant_dist.data.filtering import k_core_filter
 from ant_dist.data.pack import PackError, pack_domain
 from ant_dist.data.shards import iter_shard_samples, shard_paths
 from ant_dist.data.synth import synthesize
-from ant_dist.locking import exclusive_dir_lock
+from ant_dist.runtime.locking import exclusive_dir_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -202,7 +202,7 @@ def test_deepspeed_zero2_launch(world):
 
 
 def test_deepspeed_bf16_is_autocast_over_fp32_weights():
-    from ant_dist.train.loop import deepspeed_precision
+    from ant_dist.train.engine import deepspeed_precision
 
     ds = {"bf16": {"enabled": False}, "fp16": {"enabled": False}}  # the JSON's "auto" as accelerate fills it
     deepspeed_precision(ds, bf16=True)

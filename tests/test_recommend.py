@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from scipy.linalg import hadamard
 
 from ant_dist.config import PackConfig
-from ant_dist.data.feature_table import (
+from ant_dist.features.feature_table import (
     FeatureTables,
     create_tables,
     read_catalog,
@@ -30,12 +30,12 @@ from ant_dist.data.feature_table import (
     write_manifest,
 )
 from ant_dist.data.pack import pack_domain
-from ant_dist.export_serving import main as export_main
+from ant_dist.serving.export_serving import main as export_main
 from ant_dist.model.ant import ANT, ANTConfig
 from ant_dist.model.irl import IRLConfig
 from ant_dist.model.sasrec import SASRec, SASRecConfig
-from ant_dist.recommend import main as recommend_main
-from ant_dist.train.checkpoint import export_model
+from ant_dist.serving.recommend import main as recommend_main
+from ant_dist.model.io import export_model
 
 D, IMAGE_DIM = 8, 4
 P1, P2, P3, P4 = (hadamard(D)[i].astype(np.float32) for i in range(1, 5))  # zero-mean, orthogonal

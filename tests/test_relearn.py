@@ -17,7 +17,7 @@ from ant_dist.pipeline.launcher import launch_command
 from ant_dist.model.irl import IRLConfig
 from ant_dist.model.sasrec import SASRecConfig
 from ant_dist.relearn import main as relearn_main
-from ant_dist.train.checkpoint import export_model, load_model
+from ant_dist.model.io import export_model, load_model
 from ant_dist.train.data import Corpus, DomainSequences
 from ant_dist.train.selection import Selection
 from ant_dist.train.target import build_target_model
@@ -238,7 +238,7 @@ def _naive_test_metrics(model, world, split="test", k=10):
     """Independent evaluation: the full (users x items) cosine score matrix of the Office domain."""
     import pyarrow.parquet as pq
 
-    from ant_dist.train.features import load_catalog_features
+    from ant_dist.features.catalog import load_catalog_features
 
     n_items = pq.read_metadata(world / "shards" / "Office" / "catalog.parquet").num_rows
     feats = load_catalog_features(world / "features", world / "shards", ["Office"], [n_items], "device", 1.0,

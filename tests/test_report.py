@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from ant_dist.report import main, paired_ttest
+from ant_dist.eval.report import main, paired_ttest
 
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "recall@50", "ndcg@50")
 N_USERS = 150

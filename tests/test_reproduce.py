@@ -20,7 +20,7 @@ import yaml
 from test_slurm import _wait_job_done, cluster, slurm  # noqa: F401  (cluster: a fixture)
 
 from ant_dist.config import ConfigError, ReproduceConfig
-from ant_dist.reproduce_plan import grid_points, select_runs
+from ant_dist.pipeline.plan import grid_points, select_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
@@ -186,7 +186,7 @@ def test_selection_refuses_missing_runs_and_runs_of_another_grid_point(tmp_path)
 def test_rated_meta_keeps_the_items_with_enough_ratings_and_their_lines(tmp_path):
     import gzip
 
-    from ant_dist.reproduce_plan import write_rated_meta
+    from ant_dist.pipeline.plan import write_rated_meta
 
     items = [{"asin": a, "title": f"item {a}", "imageURLHighRes": [f"https://images.example/{a}.jpg"]}
              for a in ("A", "B", "C", "D")]
@@ -203,7 +203,7 @@ def test_rated_meta_keeps_the_items_with_enough_ratings_and_their_lines(tmp_path
 
 
 def test_commands_stop_at_the_first_failure_and_share_out_the_gpus(tmp_path):
-    from ant_dist.reproduce import run_commands
+    from ant_dist.pipeline.runner import run_commands
 
     ended = []
     probe = "import os, sys; open(sys.argv[1], 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', '')); sys.exit({})"
@@ -225,7 +225,7 @@ def test_a_command_dies_with_the_runner(tmp_path):
 
     pid_file = tmp_path / "child.pid"
     child = f"import os; open({str(pid_file)!r}, 'w').write(str(os.getpid())); os.read(0, 1)"  # blocks on stdin
-    runner = ("import sys; from ant_dist.reproduce import run_commands; "
+    runner = ("import sys; from ant_dist.pipeline.runner import run_commands; "
               f"run_commands([('c', [sys.executable, '-c', {child!r}], None, lambda *a: None)], parallel=1)")
     proc = subprocess.Popen([sys.executable, "-c", runner], stdin=subprocess.PIPE)
     try:
@@ -309,7 +309,7 @@ def tiny(tmp_path_factory, request):
     server, and a writer of reproduction configs over them."""
     from ant_dist.config import SynthConfig
     from ant_dist.data.synth import synthesize
-    from ant_dist.encoders import save_random_bert, save_random_swin
+    from ant_dist.features.encoders import save_random_bert, save_random_swin
 
     root = tmp_path_factory.mktemp("tiny")
     save_random_bert(root / "bert")

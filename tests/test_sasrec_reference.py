@@ -29,7 +29,7 @@ from ant_dist.model.irl import IRLConfig
 from ant_dist.model.sasrec import SASRec, SASRecConfig
 from ant_dist.train.data import Corpus, DomainSequences, EpochBatches, epoch_batches, epoch_order
 from ant_dist.train.evaluate import catalog_embeddings, rank_users
-from ant_dist.train.features import CatalogFeatures
+from ant_dist.features.catalog import CatalogFeatures
 from ant_dist.train.objective import TrainObjective
 
 N_ITEMS, HIDDEN, INNER, MAX_LEN = 60, 16, 64, 12

@@ -2,7 +2,7 @@ import os
 import signal
 import time
 
-from ant_dist.signals import flag_stop_signals
+from ant_dist.runtime.signals import flag_stop_signals
 
 
 def _wait_until(condition) -> bool:

@@ -1,12 +1,12 @@
-"""Transactional output folders (ant_dist/staging.py): the swap, its two-rename fallback and the
+"""Transactional output folders (ant_dist/runtime/staging.py): the swap, its two-rename fallback and the
 recovery from a crash between those renames, and the lock that follows the swap."""
 
 import os
 
 import pytest
 
-from ant_dist import staging
-from ant_dist.locking import LockedError, exclusive_dir_lock
+from ant_dist.runtime import staging
+from ant_dist.runtime.locking import LockedError, exclusive_dir_lock
 
 
 def _tree(folder):

@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 from scipy.stats import binomtest
 
-from ant_dist.data.feature_table import shards_fingerprint, write_manifest
+from ant_dist.features.feature_table import shards_fingerprint, write_manifest
 from ant_dist.model.ant import ANT, ANTConfig
 from ant_dist.model.irl import IRLConfig
 from ant_dist.model.sasrec import SASRecConfig
-from ant_dist.train.checkpoint import export_model
-from ant_dist.transferability import MODALITIES, balanced_split, embed_domain, main, split_counts
+from ant_dist.model.io import export_model
+from ant_dist.eval.transferability import MODALITIES, balanced_split, embed_domain, main, split_counts
 
 N_ITEMS, DIM = 600, 8
 COMMON = ["progress=false", "c_grid=[0.1,1.0,10.0]"]
@@ -157,8 +157,8 @@ def test_uses_the_models_transformed_embeddings(world):
 
 
 def test_embed_matches_hand_formula(world):
-    from ant_dist.data.feature_table import load_features
-    from ant_dist.train.checkpoint import load_model
+    from ant_dist.features.feature_table import load_features
+    from ant_dist.model.io import load_model
 
     model, _ = load_model(world / "model")
     irl = model.irl.eval()

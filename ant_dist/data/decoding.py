@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .report import BadInputLog
+from ant_dist.data.bad_input import BadInputLog
 
 # int64 seconds: a timestamp at or above 2**63 does not fit (as float64, 2**63 - 1 rounds up to it)
 MAX_TIMESTAMP = float(2**63)

@@ -29,14 +29,15 @@ from typing import Iterator, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, FetchConfig, check_choices, parse_cli
-from ..runtime.atomic import write_json_atomic
-from ..locking import LockedError, exclusive_dir_lock
-from .image_download import PART, Downloader, FetchResult, is_http_url
-from .raw_readers import meta_fields_2018, meta_fields_2023, index_images, iter_json_lines
-from .report import BadInputLog
+from ant_dist.config import ConfigError, FetchConfig, check_choices, parse_cli
+from ant_dist.data.bad_input import BadInputLog
+from ant_dist.data.image_download import PART, Downloader, FetchResult, is_http_url
+from ant_dist.data.raw_readers import index_images, iter_json_lines, meta_fields_2018, meta_fields_2023
+from ant_dist.runtime.atomic import write_json_atomic
+from ant_dist.runtime.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_STOPPED
+from ant_dist.runtime.locking import LockedError, exclusive_dir_lock
+from ant_dist.runtime.signals import flag_stop_signals
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 75
 REPORT = "fetch_report.json"
 # outcome of each item with an image URL; all but the first two are failures
 OUTCOMES = ("ok", "already_present", "not_found", "timeout", "truncated", "connection_error", "http_error",
@@ -232,20 +233,14 @@ def fetch_images(cfg: FetchConfig, stop: Optional[threading.Event] = None) -> di
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = parse_cli(FetchConfig, argv, "tools/fetch_images.py", __doc__ or "")
-    stop = threading.Event()
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            handlers[sig] = signal.signal(sig, lambda *_: stop.set())
+    stop = threading.Event()  # the download threads wait on it
     try:
-        report = fetch_images(cfg, stop)
+        with flag_stop_signals((signal.SIGTERM, signal.SIGINT), event=stop):
+            report = fetch_images(cfg, stop)
     except (FetchInputError, LockedError) as exc:
         print(f"fetch_images: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
     counts = {k: v for k, v in report["counts"].items() if v}
     print(f"fetch_images: {report['status']} in {report['seconds']:.1f}s: {json.dumps(counts, sort_keys=True)} "
           f"-> {Path(cfg.images) / REPORT}")
-    return EXIT_INTERRUPTED if report["status"] == "interrupted" else EXIT_OK
+    return EXIT_STOPPED if report["status"] == "interrupted" else EXIT_OK

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import TIE_BREAKS
+from ant_dist.config import TIE_BREAKS
 
 
 def sorted_codes(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:

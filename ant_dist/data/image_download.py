@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlsplit
 
-from ..config import FetchConfig
-from .shards import check_image
+from ant_dist.config import FetchConfig
+from ant_dist.data.shards import check_image
 
 PART = ".part"
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")

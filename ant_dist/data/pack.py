@@ -31,18 +31,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .. import staging
-from ..config import ConfigError, PackConfig, check_choices, save_config
-from ..runtime.atomic import atomic_path, write_json_atomic
-from ..locking import die_with_parent, exclusive_dir_lock
-from .cleaning import normalise_price
-from .filtering import (duplicate_mask, group_offsets, k_core_filter, most_recent, sort_interactions,
-                        sorted_codes)
-from .decoding import format_hint
-from .raw_readers import InputError, index_images, read_interactions, read_items
-from .report import BadInputLog
-from .layout import CATALOG, INTERACTIONS, PACK_REPORT, SHARD_PATTERN
-from .shards import ShardItem, plan_shards, write_shard
+from ant_dist.config import ConfigError, PackConfig, check_choices, save_config
+from ant_dist.data.bad_input import BadInputLog
+from ant_dist.data.cleaning import normalise_price
+from ant_dist.data.decoding import format_hint
+from ant_dist.data.filtering import (duplicate_mask, group_offsets, k_core_filter, most_recent, sort_interactions,
+                                     sorted_codes)
+from ant_dist.data.layout import CATALOG, INTERACTIONS, PACK_REPORT, SHARD_PATTERN
+from ant_dist.data.raw_readers import InputError, index_images, read_interactions, read_items
+from ant_dist.data.shards import ShardItem, plan_shards, write_shard
+from ant_dist.runtime import staging
+from ant_dist.runtime.atomic import atomic_path, write_json_atomic
+from ant_dist.runtime.locking import exclusive_dir_lock
+from ant_dist.runtime.processes import die_with_parent
 
 
 class PackError(RuntimeError):

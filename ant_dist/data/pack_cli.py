@@ -6,10 +6,11 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from ..config import PackConfig, parse_cli
-from ..locking import LockedError
-from .pack import PackError, pack_domain
-from .raw_readers import InputError
+from ant_dist.config import PackConfig, parse_cli
+from ant_dist.data.pack import PackError, pack_domain
+from ant_dist.data.raw_readers import InputError
+from ant_dist.runtime.exit_codes import EXIT_BAD_INPUT, EXIT_OK
+from ant_dist.runtime.locking import LockedError
 
 DESCRIPTION = """
 Pack one domain of a raw catalog into WebDataset shards plus catalog/interactions tables.
@@ -28,7 +29,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report = pack_domain(cfg)
     except (InputError, PackError, LockedError) as exc:
         print(f"pack: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     out = report["output"]
     print(f"packed {cfg.domain}: {out['items']} items ({out['items_with_image']} with image, "
           f"{out['items_with_price']} with price), {out['users']} users, {out['interactions']} "
@@ -39,7 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     repaired = {k: v for k, v in report["repaired"].items() if v}
     if repaired:
         print(f"  repaired: {json.dumps(repaired, sort_keys=True)}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ..config import PACK_FORMATS
-from .cleaning import item_text, parse_price, validate_price
-from .decoding import MAX_TIMESTAMP, format_hint, text_columns, timestamp_ok
-from .layout import IMAGE_EXTENSIONS
-from .report import BadInputLog
+from ant_dist.config import PACK_FORMATS
+from ant_dist.data.bad_input import BadInputLog
+from ant_dist.data.cleaning import item_text, parse_price, validate_price
+from ant_dist.data.decoding import MAX_TIMESTAMP, format_hint, text_columns, timestamp_ok
+from ant_dist.data.layout import IMAGE_EXTENSIONS
 
 # accepted column names of format=table, by our name (the `columns` option maps any others)
 ALIASES = {"id": ("id", "item_id"), "text": ("text", "title"), "price": ("price",), "image": ("image",),

@@ -17,8 +17,8 @@ from typing import Iterator, Optional
 
 from PIL import Image
 
-from .cleaning import safe_key
-from .layout import IMAGE_FORMATS, SHARD_GLOB
+from ant_dist.data.cleaning import safe_key
+from ant_dist.data.layout import IMAGE_FORMATS, SHARD_GLOB
 
 # Decompression-bomb guard: catalogue images are small; refuse anything absurd.
 MAX_IMAGE_PIXELS = 50_000_000

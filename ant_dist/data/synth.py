@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from ..config import SynthConfig, save_config
-from ..locking import die_with_parent
+from ant_dist.config import SynthConfig, save_config
+from ant_dist.runtime.processes import die_with_parent
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 TEXTURES = ("plain", "stripes", "dots", "grid")

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import SCORES
-from .irl import IRL, IRLConfig, ItemOutput
-from .sasrec import SASRec, SASRecConfig
+from ant_dist.config import SCORES
+from ant_dist.model.irl import IRL, IRLConfig, ItemOutput
+from ant_dist.model.sasrec import SASRec, SASRecConfig
 
 
 class FeatureBank:

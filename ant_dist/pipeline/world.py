@@ -12,7 +12,7 @@ from typing import Optional
 from ant_dist.config import EmbedConfig, PackConfig, SynthConfig
 from ant_dist.data.pack import pack_domain
 from ant_dist.data.synth import synthesize
-from ant_dist.embed import run as run_embed
+from ant_dist.features.embedding import run as run_embed
 
 
 def pack_manifest(manifest: dict, shards: str | Path, roles=("aux", "target"), **pack_options) -> list[tuple]:

@@ -1,4 +1,4 @@
-"""Checkpoints (atomic, newest K kept), resume, and the exported model/ for re-learning.
+"""Checkpoints (atomic, newest K kept) and resume (the exported model/ folder: model/io.py).
 
 Layout of a run folder:
     checkpoints/step-00000500/   model.safetensors, optimizer.pt, scheduler.pt, state.json
@@ -21,7 +21,6 @@ What is NOT saved: random generator states. Every draw is a function of (seed, s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -31,11 +30,10 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from ..model.ant import ANT, ANTConfig
-from ..model.irl import IRLConfig
-from ..model.sasrec import SASRecConfig
-from . import TrainError
-from .resume_check import STATE, bad_checkpoint_fix, model_fix, read_json, read_weights, torch_load
+from ant_dist.model.io import state_dict_on_cpu
+from ant_dist.runtime.safe_read import read_json, read_weights, torch_load
+from ant_dist.train import TrainError
+from ant_dist.train.resume_check import STATE, bad_checkpoint_fix
 
 PREFIX = "step-"
 
@@ -56,10 +54,6 @@ def read_state(ckpt: str | Path) -> dict:
     return read_json(Path(ckpt) / STATE, "checkpoint state", bad_checkpoint_fix(Path(ckpt)))
 
 
-def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-
-
 def save_checkpoint(accelerator, objective, optimizer, scheduler, state: dict, run_dir: str | Path,
                     keep: int, deepspeed: bool) -> Path:
     """Collective: every process calls it. Returns the checkpoint folder."""
@@ -74,7 +68,7 @@ def save_checkpoint(accelerator, objective, optimizer, scheduler, state: dict, r
         accelerator.save_state(str(tmp))  # ZeRO shards: every process writes its part
     if accelerator.is_main_process:
         if not deepspeed:
-            save_file(_state_dict(accelerator.unwrap_model(objective).model), str(tmp / "model.safetensors"))
+            save_file(state_dict_on_cpu(accelerator.unwrap_model(objective).model), str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
@@ -139,7 +133,7 @@ def _load_deepspeed_resized(accelerator, engine, ckpt: Path) -> None:
     """ZeRO-1/2 shards of another process count. DeepSpeed's universal checkpoint re-cuts them:
     the main process converts the checkpoint into one file per parameter (fp32 weights, Adam
     moments, step), every process loads its new partition from those, and the conversion is
-    removed. The engine was built with `checkpoint.load_universal` (loop.py)."""
+    removed. The engine was built with `checkpoint.load_universal` (engine.py: configure_deepspeed)."""
     from accelerate.utils import broadcast_object_list
     from deepspeed.checkpoint import ds_to_universal
 
@@ -165,50 +159,3 @@ def _load_deepspeed_resized(accelerator, engine, ckpt: Path) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(out, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- exported model
-def export_model(model: ANT, out_dir: str | Path, extra: dict) -> None:
-    """model/model.safetensors + model_config.json: enough to rebuild the model with `load_model`."""
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_state_dict(model), str(tmp / "model.safetensors"))
-    config = {"ant": dataclasses.asdict(model.cfg), **extra}
-    (tmp / "model_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
-def load_model_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of an exported model folder (safetensors: no code runs on load)."""
-    path = Path(model_dir) / "model.safetensors"
-    if not path.is_file():
-        raise TrainError(f"{model_dir} holds no exported model ({path.name} is missing)")
-    return read_weights(path, model_fix(Path(model_dir)))
-
-
-def load_model(model_dir: str | Path) -> tuple[ANT, dict]:
-    """The exported model (weights on CPU) and its config (with the pre-training catalog's domains)."""
-    d = Path(model_dir)
-    if not (d / "model_config.json").is_file() or not (d / "model.safetensors").is_file():
-        raise TrainError(f"{d} is not an exported model (needs model.safetensors and model_config.json)")
-    config = read_json(d / "model_config.json", "model config", model_fix(d))
-    try:
-        a = config["ant"]
-        # models exported before the score option existed all scored by cosine
-        cfg = ANTConfig(item_source=a["item_source"], n_items=a["n_items"], score=a.get("score", "cos"),
-                        irl=IRLConfig(**a["irl"]), sasrec=SASRecConfig(**a["sasrec"]))
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise TrainError(f"{d / 'model_config.json'}: not an ANT model config ({type(exc).__name__}: {exc}); "
-                         f"{model_fix(d)}") from None
-    model = ANT(cfg)
-    weights = read_weights(d / "model.safetensors", model_fix(d))
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise TrainError(f"{d / 'model.safetensors'}: does not match model_config.json "
-                         f"({str(exc).strip().splitlines()[0]}); {model_fix(d)}") from None
-    return model, config

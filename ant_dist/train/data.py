@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..data.layout import CATALOG, INTERACTIONS
-from . import TrainError
+from ant_dist.data.layout import CATALOG, INTERACTIONS
+from ant_dist.train import TrainError
 
 
 @dataclass

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import PretrainConfig
-from .checkpoint import deepspeed_resized
-from .tracking import accelerate_log_with
+from ant_dist.config import PretrainConfig
+from ant_dist.train.checkpoint import deepspeed_resized
+from ant_dist.train.tracking import accelerate_log_with
 
 
 def use_bf16(cfg: PretrainConfig) -> bool:

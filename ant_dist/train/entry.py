@@ -8,11 +8,11 @@ import os
 import sys
 from typing import Callable
 
-from ..locking import die_with_launcher
-from ..teardown import close_process_group
-from . import TrainError
-from .loop import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, NonFiniteError, Stopped, run
-from .stage import Stage
+from ant_dist.runtime.exit_codes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED, BadInput
+from ant_dist.runtime.processes import die_with_launcher
+from ant_dist.runtime.teardown import close_process_group
+from ant_dist.train.loop import NonFiniteError, Stopped, run
+from ant_dist.train.stage import Stage
 
 
 def is_main_process() -> bool:
@@ -26,7 +26,7 @@ def say(message: str) -> None:
 
 
 def run_stage(cfg, stage: Stage, on_done: Callable[[dict], None], prepare: Callable[[], None] | None = None) -> int:
-    """Run `stage`; `prepare` may raise TrainError before anything starts; `on_done(summary)` runs on
+    """Run `stage`; `prepare` may raise BadInput (TrainError) before anything starts; `on_done(summary)` runs on
     success (on every process: print only on the main one)."""
     die_with_launcher()  # a killed launcher then stops this process like SIGTERM does
     try:
@@ -38,8 +38,8 @@ def run_stage(cfg, stage: Stage, on_done: Callable[[dict], None], prepare: Calla
         return EXIT_NONFINITE
     except Stopped as exc:
         say(f"{stage.name}: {exc}")
-        return EXIT_PREEMPTED
-    except TrainError as exc:
+        return EXIT_STOPPED
+    except BadInput as exc:  # TrainError, and a damaged model or feature file met on the way
         say(f"{stage.name}: error: {exc}")
         return EXIT_BAD_INPUT
     finally:

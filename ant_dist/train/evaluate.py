@@ -14,11 +14,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..losses import score_vectors
-from ..metrics import DEFAULT_KS, chunked_target_ranks, metrics_from_ranks
-from ..model.ant import ANT
-from ..model.sasrec import SASRec
-from .data import Corpus
+from ant_dist.eval.metrics import DEFAULT_KS, chunked_target_ranks, metrics_from_ranks
+from ant_dist.model.ant import ANT
+from ant_dist.model.sasrec import SASRec
+from ant_dist.model.scoring import score_vectors
+from ant_dist.train.data import Corpus
 
 
 @torch.no_grad()

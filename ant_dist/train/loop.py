@@ -22,26 +22,25 @@ from pathlib import Path
 
 import torch
 
-from ..config import PretrainConfig, save_config
-from ..locking import LockedError, exclusive_dir_lock, loader_worker_init
-from ..losses import NegativeSampler
-from ..model.ant import ANT, ANTConfig
-from ..model.irl import IRLConfig
-from ..model.sasrec import SASRecConfig
-from ..signals import flag_stop_signals
-from . import TrainError
-from .checkpoint import export_model, find_resume_checkpoint, load_model_weights
-from .data import Corpus, EpochBatches, epoch_batches, epoch_order, read_domain, step_seed, validation_users
-from .engine import compile_in_place, configure_deepspeed, make_accelerator, uses_deepspeed
-from .engine import deepspeed_precision  # noqa: F401  (tests import it from its old home, here)
-from .features import CatalogFeatures, load_catalog_features
-from .objective import TrainObjective
-from .resume_check import check_resume
-from .session import Progress, TrainingSession
-from .stage import FinishContext, Stage
-from .tracking import MetricsLog, memory_record, param_digest, start_trackers
-
-EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3, 75
+from ant_dist.config import PretrainConfig, save_config
+from ant_dist.features.catalog import CatalogFeatures, load_catalog_features
+from ant_dist.model.ant import ANT, ANTConfig
+from ant_dist.model.io import export_model, load_model_weights
+from ant_dist.runtime.locking import LockedError, exclusive_dir_lock
+from ant_dist.runtime.processes import loader_worker_init
+from ant_dist.runtime.signals import flag_stop_signals
+from ant_dist.train import TrainError
+from ant_dist.train.checkpoint import find_resume_checkpoint
+from ant_dist.train.data import (Corpus, EpochBatches, epoch_batches, epoch_order, read_domain, step_seed,
+                                 validation_users)
+from ant_dist.train.engine import compile_in_place, configure_deepspeed, make_accelerator, uses_deepspeed
+from ant_dist.train.losses import NegativeSampler
+from ant_dist.train.objective import TrainObjective
+from ant_dist.train.pretrained_arch import model_configs
+from ant_dist.train.resume_check import check_resume
+from ant_dist.train.session import Progress, TrainingSession
+from ant_dist.train.stage import FinishContext, Stage
+from ant_dist.train.tracking import MetricsLog, memory_record, param_digest, start_trackers
 
 
 class NonFiniteError(TrainError):
@@ -98,12 +97,8 @@ def _schedule(cfg: PretrainConfig, optimizer, n_train: int, trains: bool):
 
 
 def build_model(cfg: PretrainConfig, text_dim: int, image_dim: int) -> ANT:
-    return ANT(ANTConfig(
-        item_source="irl",
-        irl=IRLConfig(text_dim=text_dim, image_dim=image_dim, hidden=cfg.hidden, n_heads=cfg.n_experts,
-                      dropout=cfg.irl_dropout, beta=cfg.beta, gate_noise=cfg.gate_noise),
-        sasrec=SASRecConfig(hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads, max_len=cfg.max_len,
-                            dropout=cfg.dropout, ffn_mult=cfg.ffn_mult)))
+    irl, sasrec = model_configs(cfg, text_dim, image_dim)
+    return ANT(ANTConfig(item_source="irl", irl=irl, sasrec=sasrec))
 
 
 def _lock_run_dir(accelerator, run_dir: Path, stack: ExitStack) -> None:
@@ -358,7 +353,7 @@ def run(cfg: PretrainConfig, stage: Stage) -> dict:
 
 
 def _newest(run_dir: Path) -> str:
-    from .checkpoint import complete_checkpoints
+    from ant_dist.train.checkpoint import complete_checkpoints
 
     found = complete_checkpoints(run_dir)
     return str(found[-1]) if found else "none was written yet"

@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..losses import NegativeSampler, alignment_loss, full_softmax, sampled_softmax
-from ..model.ant import ANT
-from .features import BatchFeatures, CatalogFeatures
+from ant_dist.features.catalog import BatchFeatures, CatalogFeatures
+from ant_dist.model.ant import ANT
+from ant_dist.train.losses import NegativeSampler, alignment_loss, full_softmax, sampled_softmax
 
 
 def world_size() -> int:

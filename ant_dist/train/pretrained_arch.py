@@ -1,4 +1,5 @@
-"""Options a pre-trained model decides: refuse a differing one, record the ones that ran.
+"""The model architecture from a stage's options, and the options a pre-trained model decides:
+refuse a differing one, record the ones that ran.
 
 With `pretrained=`, the model's shapes come from the model, so `hidden=64` on the command line
 cannot apply to a 256-wide model. Ignoring it silently (and recording `hidden: 64` in the run's
@@ -15,8 +16,22 @@ from typing import Iterable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from . import TrainError
-from .resume_check import check_safetensors, model_fix, read_json
+from ant_dist.model.io import model_fix
+from ant_dist.model.irl import IRLConfig
+from ant_dist.model.sasrec import SASRecConfig
+from ant_dist.runtime.safe_read import check_safetensors, read_json
+from ant_dist.train import TrainError
+
+
+def model_configs(cfg, text_dim: int, image_dim: int) -> tuple[IRLConfig, SASRecConfig]:
+    """The item and user model configs that a stage config's options describe (every option the
+    two models read, training settings such as dropout included)."""
+    irl = IRLConfig(text_dim=text_dim, image_dim=image_dim, hidden=cfg.hidden, n_heads=cfg.n_experts,
+                    dropout=cfg.irl_dropout, beta=cfg.beta, gate_noise=cfg.gate_noise)
+    sasrec = SASRecConfig(hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads, max_len=cfg.max_len,
+                          dropout=cfg.dropout, ffn_mult=cfg.ffn_mult)
+    return irl, sasrec
+
 
 # option -> (part of the model config, its field there)
 ARCHITECTURE = {"hidden": ("sasrec", "hidden"), "n_layers": ("sasrec", "n_layers"),

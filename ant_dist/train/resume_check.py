@@ -7,57 +7,21 @@ the file, the problem and the fix (exit 2), never a traceback.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
-from . import TrainError
+from ant_dist.runtime.safe_read import read_json
+from ant_dist.train import TrainError
 
 STATE = "state.json"
 # What a resumed run must share with the checkpoint: the data plan and the model's shapes. Other
 # options (lr, steps, logging) may change on resume.
-RESUME_KEYS = ("seed", "batch_size", "loss", "hidden", "n_layers", "n_heads", "max_len", "n_experts",
+RESUME_KEYS = ("seed", "batch_size", "loss", "hidden", "n_layers", "n_heads", "max_len", "ffn_mult", "n_experts",
                "mode", "item_repr", "ablate")
-
-
-def read_json(path: Path, what: str, fix: str) -> dict:
-    """A JSON object from `path`, or a TrainError naming the file, the problem and the fix."""
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"{path}: unreadable {what} ({exc}); {fix}") from None
-    if not isinstance(obj, dict):
-        raise TrainError(f"{path}: not a {what} (not a JSON object); {fix}")
-    return obj
-
-
-def read_weights(path: Path, fix: str) -> dict[str, torch.Tensor]:
-    """A safetensors file (no code runs on load); a truncated or damaged one is a TrainError."""
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise TrainError(f"{path}: unreadable weights ({exc}); {fix}") from None
-
-
-def torch_load(path: Path, fix: str):
-    """An optimizer or scheduler state: weights_only (tensors and plain containers, never pickle)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrainError(f"{path}: unreadable ({problem}); {fix}") from None
 
 
 def bad_checkpoint_fix(ckpt: Path) -> str:
     return (f"delete {ckpt} to resume from the checkpoint before it, or start another run "
             f"(another run_name, or resume=never)")
-
-
-def model_fix(d: Path) -> str:
-    return f"export it again (pre-training or re-learning writes {d.name}/ at its end), or point at another model"
 
 
 def check_resume(ckpt: Path, cfg) -> None:
@@ -71,22 +35,3 @@ def check_resume(ckpt: Path, cfg) -> None:
         raise TrainError(f"{ckpt}: was trained with {', '.join(diffs)}; resume with the same values or use "
                          f"another run_name")
 
-
-def check_safetensors(path: Path, fix: str) -> None:
-    """A safetensors file whose header reads and whose size is what the header says (truncation
-    shows), without reading the tensors."""
-    import struct
-
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > size - 8:
-                raise ValueError(f"header of {n} bytes in a file of {size}")
-            header = json.loads(fh.read(n))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as exc:
-        raise TrainError(f"{path}: unreadable weights ({exc}); {fix}") from None
-    if 8 + n + end != size:
-        raise TrainError(f"{path}: truncated or padded ({size} bytes, its header describes {8 + n + end}); {fix}")

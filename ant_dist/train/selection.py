@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
-from . import TrainError
+from ant_dist.train import TrainError
 
 _METRIC = re.compile(r"^(recall|ndcg)@(10|20|50)$")
 

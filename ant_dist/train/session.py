@@ -12,16 +12,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import PretrainConfig
-from ..model.ant import ANT
-from .checkpoint import export_model, load_checkpoint, save_checkpoint
-from .data import Corpus
-from .engine import uses_deepspeed
-from .evaluate import evaluate
-from .features import CatalogFeatures
-from .selection import Selection
-from .stage import Stage
-from .tracking import MetricsLog, validation_line
+from ant_dist.config import PretrainConfig
+from ant_dist.features.catalog import CatalogFeatures
+from ant_dist.model.ant import ANT
+from ant_dist.model.io import export_model
+from ant_dist.train.checkpoint import load_checkpoint, save_checkpoint
+from ant_dist.train.data import Corpus
+from ant_dist.train.engine import uses_deepspeed
+from ant_dist.train.evaluate import evaluate
+from ant_dist.train.selection import Selection
+from ant_dist.train.stage import Stage
+from ant_dist.train.tracking import MetricsLog, validation_line
 
 
 @dataclass

@@ -13,11 +13,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..config import PretrainConfig
-from ..model.ant import ANT
-from .data import Corpus
-from .features import CatalogFeatures
-from .selection import Selection
+from ant_dist.config import PretrainConfig
+from ant_dist.features.catalog import CatalogFeatures
+from ant_dist.model.ant import ANT
+from ant_dist.train.data import Corpus
+from ant_dist.train.selection import Selection
 
 
 @dataclass(frozen=True)

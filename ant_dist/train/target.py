@@ -22,13 +22,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..config import ConfigError, RelearnConfig, check_choices
-from ..methods import method_of
-from ..model.ant import ANT, ANTConfig
-from ..model.irl import IRLConfig
-from ..model.sasrec import SASRecConfig
-from . import TrainError
-from .checkpoint import load_model
+from ant_dist.config import ConfigError, RelearnConfig, check_choices
+from ant_dist.methods import method_of
+from ant_dist.model.ant import ANT, ANTConfig
+from ant_dist.model.io import load_model
+from ant_dist.model.irl import IRLConfig
+from ant_dist.model.sasrec import SASRecConfig
+from ant_dist.train import TrainError
+from ant_dist.train.pretrained_arch import model_configs
 
 # Table IV's switches: the IRLConfig flag each one turns off
 ABLATIONS = {"T": "use_text", "I": "use_image", "P": "use_price", "MoE": "use_moe", "MF": "use_fusion"}
@@ -92,9 +93,7 @@ def _architecture(cfg: RelearnConfig, pretrained: ANT | None, text_dim: int,
                              f"was pre-trained on {irl.text_dim}/{irl.image_dim}: embed the target with the same "
                              f"encoders as the auxiliary domains")
     else:
-        irl = IRLConfig(text_dim=text_dim, image_dim=image_dim, hidden=cfg.hidden, n_heads=cfg.n_experts)
-        sasrec = SASRecConfig(hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads, max_len=cfg.max_len,
-                              ffn_mult=cfg.ffn_mult)
+        irl, sasrec = model_configs(cfg, text_dim, image_dim)
     irl = dataclasses.replace(irl, dropout=cfg.irl_dropout, beta=cfg.beta, gate_noise=cfg.gate_noise, **flags)
     sasrec = dataclasses.replace(sasrec, dropout=cfg.dropout)
     if pretrained is not None and sasrec.max_len != cfg.max_len:

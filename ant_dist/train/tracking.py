@@ -18,9 +18,8 @@ from typing import Optional
 
 import torch
 
-from ..config import TRACKERS
-from . import TrainError
-
+from ant_dist.config import TRACKERS
+from ant_dist.train import TrainError
 
 
 def wandb_key_configured() -> bool:

@@ -18,15 +18,16 @@ from typing import Optional
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..runtime.atomic import write_json_atomic
-from .layout import CATALOG
-from .shards import shard_paths
+from ant_dist.data.layout import CATALOG
+from ant_dist.data.shards import shard_paths
+from ant_dist.runtime.atomic import write_json_atomic
+from ant_dist.runtime.exit_codes import BadInput
 
 TABLES = ("text", "image", "price", "has_image", "done")
 MANIFEST = "manifest.json"
 
 
-class FeatureTableError(RuntimeError):
+class FeatureTableError(BadInput):
     """A feature table is missing, incomplete, or does not match what the caller expects."""
 
 

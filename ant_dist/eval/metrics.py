@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from .config import SCORES
-
+from ant_dist.config import SCORES
 
 DEFAULT_KS = (10, 20, 50)
 PADDING_RANK = -1  # the rank returned for a user whose target is negative (padding)

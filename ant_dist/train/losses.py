@@ -18,28 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .config import SCORES
+from ant_dist.model.scoring import normalise, score_vectors, temperature
 
 ItemFn = Callable[[torch.Tensor], torch.Tensor]
 
-
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    """Unit vectors in float32: a cosine score is the dot product of these."""
-    return F.normalize(x.float(), dim=-1)
-
-
-def score_vectors(x: torch.Tensor, score: str = "cos") -> torch.Tensor:
-    """The float32 vectors whose dot product is the score: unit vectors for cos, x itself for dot."""
-    if score == "cos":
-        return normalise(x)
-    if score == "dot":
-        return x.float()
-    raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-
-
-def temperature(score: str, tau: float) -> float:
-    """The divisor of the logits: tau for cos; 1 for dot (a dot product learns its own scale)."""
-    return tau if score == "cos" else 1.0
 
 
 def scaled_logits(hn: torch.Tensor, en: torch.Tensor, tau: float) -> torch.Tensor:

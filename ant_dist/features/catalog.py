@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.feature_table import FeatureTableError, load_features
-from . import TrainError
+from ant_dist.features.feature_table import FeatureTableError, load_features
 
 _TABLES = ("text", "image", "price", "has_image")
 
@@ -33,9 +32,9 @@ def open_tables(features_root: str | Path, shards_root: str | Path, names: list[
         try:
             t = load_features(fdir, expect_shards=Path(shards_root) / name)
         except FeatureTableError as exc:
-            raise TrainError(f"domain {name!r}: {exc}") from None
+            raise FeatureTableError(f"domain {name!r}: {exc}") from None
         if len(t["text"]) != rows:
-            raise TrainError(f"domain {name!r}: the feature table has {len(t['text'])} rows but the catalog has "
+            raise FeatureTableError(f"domain {name!r}: the feature table has {len(t['text'])} rows but the catalog has "
                              f"{rows}; re-embed the domain")
         tables.append(t)
     first = tables[0]["manifest"]
@@ -43,7 +42,7 @@ def open_tables(features_root: str | Path, shards_root: str | Path, names: list[
         for enc in ("text", "image"):
             a, b = first[enc], t["manifest"][enc]
             if (a["fingerprint"], a["dim"]) != (b["fingerprint"], b["dim"]):
-                raise TrainError(f"domains {names[0]!r} and {name!r} were embedded with different {enc} encoders "
+                raise FeatureTableError(f"domains {names[0]!r} and {name!r} were embedded with different {enc} encoders "
                                  f"({a.get('path')} vs {b.get('path')}); embed all domains with one encoder")
     return tables
 
@@ -103,7 +102,7 @@ def load_catalog_features(features_root: str | Path, shards_root: str | Path, na
     if placement == "auto":
         placement = "device" if table_bytes(tables) <= max_device_gb * 2**30 else "mmap"
     elif placement not in ("device", "mmap"):
-        raise TrainError(f"features_on must be auto, device or mmap, got {placement!r}")
+        raise FeatureTableError(f"features_on must be auto, device or mmap, got {placement!r}")
     return CatalogFeatures(tables, placement, device)
 
 

@@ -11,10 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .data.layout import IMAGE_EXTENSIONS
-from .data.shards import iter_shard_samples
-from .encoders import decode_image
-
+from ant_dist.data.layout import IMAGE_EXTENSIONS
+from ant_dist.data.shards import iter_shard_samples
+from ant_dist.features.encoders import decode_image
 
 
 def _image_fields(sample: dict) -> list[str]:

@@ -16,9 +16,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, RelearnConfig, ReproduceConfig
-from .methods import METHODS, method_options
-from .runtime.atomic import atomic_path
+from ant_dist.config import ConfigError, RelearnConfig, ReproduceConfig
+from ant_dist.methods import METHODS, method_options
+from ant_dist.runtime.atomic import atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -257,8 +257,8 @@ def write_rated_meta(meta: str, ratings: str, out: str, min_ratings: int) -> dic
 
     import pyarrow.compute as pc
 
-    from .data.raw_readers import meta_fields_2018, iter_json_lines, read_interactions
-    from .data.report import BadInputLog
+    from ant_dist.data.bad_input import BadInputLog
+    from ant_dist.data.raw_readers import iter_json_lines, meta_fields_2018, read_interactions
 
     log = BadInputLog()
     counts = pc.value_counts(read_interactions("amazon2018", ratings, log, progress=False).items)

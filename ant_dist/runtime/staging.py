@@ -25,7 +25,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .locking import LOCK_NAME
+from ant_dist.runtime.locking import LOCK_NAME
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2  # from <linux/fs.h>

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .methods import TRANSFER_METHODS
+from ant_dist.methods import TRANSFER_METHODS
 
 
 def section_title(domain: str, fraction: float) -> str:

@@ -1,0 +1,1 @@
+"""Serving a trained model: top-k recommendations and the self-contained serving export."""
