@@ -20,7 +20,7 @@ from ant_dist.config import ConfigError, RelearnConfig, ReproduceConfig
 from ant_dist.methods import METHODS, method_options
 from ant_dist.runtime.atomic import atomic_path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # ant_dist/pipeline/plan.py -> the repository
 
 STAGES = ("fetch", "pack", "embed", "pretrain", "relearn", "select", "report")
 RESOURCE_KEYS = ("nodes", "gpus", "processes", "cpus", "mem", "time", "partition", "est_hours", "est_disk_gb")
