@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ant_dist.config import PretrainConfig, save_config
+from ant_dist.config import ConfigError, PretrainConfig, check_choices, save_config
 from ant_dist.features.catalog import CatalogFeatures, load_catalog_features
 from ant_dist.model.ant import ANT, ANTConfig
 from ant_dist.model.io import export_model, load_model_weights
@@ -53,14 +53,10 @@ class Stopped(Exception):
 
 def _validate(cfg: PretrainConfig, stage: Stage) -> None:
     problems = []
-    if cfg.loss not in ("sampled", "exact"):
-        problems.append(f"loss must be sampled or exact, got {cfg.loss!r}")
-    if cfg.sampler not in ("uniform", "popularity"):
-        problems.append(f"sampler must be uniform or popularity, got {cfg.sampler!r}")
-    if cfg.schedule not in ("cosine", "epoch_decay", "constant"):
-        problems.append(f"schedule must be cosine, epoch_decay or constant, got {cfg.schedule!r}")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        problems.append(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    try:  # a config built in code has not been through load_config
+        check_choices(cfg)
+    except ConfigError as exc:
+        problems.append(str(exc))
     for name in ("batch_size", "hidden", "max_len", "max_epochs", "exact_chunk"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be >= 1")
