@@ -26,6 +26,17 @@ METHOD_ORDER = tuple(METHODS)
 TRANSFER_METHODS = ("FT", "ReL", "ANT_e")
 BASELINE_METHOD = "GB"
 
+# RecBole 1.2.1's implementations run by `ant_dist.baselines` (docs/baselines.md): label -> RecBole model
+RECBOLE_BASELINES = {"NPE": "NPE", "SASRec": "SASRec", "BERT4Rec": "BERT4Rec", "FDSA": "FDSA", "S3-Rec": "S3Rec"}
+
+# The paper's Table II (methods x targets), in its row order; a label with no run is left out.
+# ReL is ANT (re-learning the item model), shown under the paper's name.
+TABLE2_METHODS = ("NPE", "SASRec", "BERT4Rec", "FDSA", "S3-Rec", "UniSRec", "SASRec++", "NOVA", "ID-SASRec",
+                  "ReL", "ANT_e")
+DISPLAY_NAMES = {"ReL": "ANT"}
+# The paper's Table III: per pre-trained model family, its (GB, FT, ReL) labels
+TABLE3_FAMILIES = {"UniSRec": ("UniSRec-GB", "UniSRec-FT", "UniSRec-ReL"), "ANT": ("GB", "FT", "ReL")}
+
 
 def method_options(label: str) -> list[str]:
     """`relearn` options of a method label (item_repr only where it is not the default, irl)."""
