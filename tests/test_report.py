@@ -188,14 +188,20 @@ def test_negative_transfer_table(runs, report):
                 assert r["rel_change_pct"] == pytest.approx(expected, rel=1e-9)
                 p = stats.ttest_rel(values, gb_values).pvalue
                 assert r["p_value"] == pytest.approx(p, rel=1e-9) and r["significant"] == (p < 0.05)
-                assert r["negative_transfer"] == (means.mean() < gb_means.mean())
+                # negative transfer: worse than GB AND significantly so
+                assert r["negative_transfer"] == (means.mean() < gb_means.mean() and p < 0.05)
     ft = nt["Scientific"]["rows"][0]["methods"]["FT"]
-    assert ft["negative_transfer"] and not ft["significant"]
-    assert nt["Scientific"]["rows"][0]["methods"]["ReL"]["significant"]
+    assert ft["rel_change_pct"] < 0 and not ft["significant"]  # slightly worse, p well above 0.05
+    assert not ft["negative_transfer"] and ft["outcome"] == "n.s."
+    rel = nt["Scientific"]["rows"][0]["methods"]["ReL"]
+    assert rel["significant"] and rel["outcome"] == "positive transfer"
+    assert nt["Office"]["rows"][0]["methods"]["ReL"]["outcome"] == "n.s."  # slightly better, not significant
     section = md.split("## Negative transfer", 1)[1]
     sci_line = next(ln for ln in section.splitlines() if ln.startswith("| Scientific | Recall@10"))
-    assert "negative transfer: FT" in sci_line and f"{ft['rel_change_pct']:+.2f}%" in sci_line
-    assert "negative transfer" not in next(ln for ln in section.splitlines() if ln.startswith("| Office | Recall@10"))
+    assert f"{ft['rel_change_pct']:+.2f}% n.s." in sci_line and f"{rel['rel_change_pct']:+.2f}%\\*" in sci_line
+    assert "negative transfer" not in sci_line and "below GB, n.s.: FT" in sci_line
+    off_line = next(ln for ln in section.splitlines() if ln.startswith("| Office | Recall@10"))
+    assert "negative transfer" not in off_line and "% n.s." in off_line
 
 
 def test_plots_and_run_list(runs, report):
@@ -284,3 +290,180 @@ def test_help_and_missing_arguments(capsys):
     with pytest.raises(SystemExit) as exc:
         main([])
     assert exc.value.code == 2
+
+
+# ----------------------------------------------------------------------------- the paper's Tables II and III
+def hits(n_hit, n=N_USERS):
+    """Per-user values with exactly `n_hit` hits (the first users): recall mean n_hit / n, NDCG half of it."""
+    hit = (np.arange(n) < n_hit).astype(float)
+    return {m: hit * (0.5 if m.startswith("ndcg") else 1.0) for m in METRICS}
+
+
+@pytest.fixture(scope="module")
+def paper_runs(tmp_path_factory):
+    """Arts: ReL clearly beats SASRec (then S3-Rec, ID-SASRec) of Table II; GB clearly beats ReL
+    (significant negative transfer), FT is two hits below GB (not significant); a ReL run on half of the
+    users, much better, that Tables II/III must ignore, as they must ignore Zoo (half of the users only). Sci: SASRec beats ReL by two hits (not significant),
+    GB is one hit below ReL; UniSRec-GB 30 hits, UniSRec-ReL 33 (+10 %); labels outside every list."""
+    root = tmp_path_factory.mktemp("paper_runs")
+    rng = np.random.default_rng(11)
+    ids = np.arange(N_USERS)
+    arts, sci = base_values(rng), base_values(rng)
+    arts_gb = improve(arts, rng, 0.5)
+    for name, method, values in (("ReL", "ReL", arts), ("SASRec", "SASRec", spoil(arts, 20)),
+                                 ("S3-Rec", "S3-Rec", spoil(arts, 25)), ("ID", "ID-SASRec", spoil(arts, 30)),
+                                 ("GB", "GB", arts_gb), ("FT", "FT", spoil(arts_gb, 2))):
+        write_run(root, f"Arts-{name}", method, "Arts", values, ids)
+    write_run(root, "Arts-ReL-half", "ReL", "Arts", improve(arts, rng, 0.9), ids, fraction=0.5)
+    for method in ("SASRec", "GB", "ReL"):  # a target with runs on half of its users only: in no paper table
+        write_run(root, f"Zoo-{method}-half", method, "Zoo", base_values(rng), ids, fraction=0.5)
+    for name, method, values in (("SASRec", "SASRec", sci), ("ReL", "ReL", spoil(sci, 2)),
+                                 ("ID", "ID-SASRec", spoil(sci, 30)), ("GB", "GB", spoil(sci, 3)),
+                                 ("UGB", "UniSRec-GB", hits(30)), ("UReL", "UniSRec-ReL", hits(33)),
+                                 ("BPR", "BPR", spoil(sci, 40)), ("Another", "Another", spoil(sci, 41)),
+                                 ("ReL-T", "ReL -T", spoil(sci, 42))):
+        write_run(root, f"Sci-{name}", method, "Sci", values, ids)
+    return root
+
+
+@pytest.fixture(scope="module")
+def paper_report(paper_runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("paper_report")
+    assert main([str(paper_runs), "--out", str(out)]) == 0
+    return json.loads((out / "report.json").read_text()), (out / "report.md").read_text()
+
+
+def label(metric):
+    return metric.replace("recall", "Recall").replace("ndcg", "NDCG")
+
+
+def first_table(text):
+    """The rows of the first markdown table in `text`, header included, as lists of cells."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    rows = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip("|").split(" | ")])
+    return rows
+
+
+def md_section(md, heading):
+    return md.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+
+
+TABLE2 = {"Arts": {"SASRec": "Arts-SASRec", "S3-Rec": "Arts-S3-Rec", "ID-SASRec": "Arts-ID", "ReL": "Arts-ReL"},
+          "Sci": {"SASRec": "Sci-SASRec", "ID-SASRec": "Sci-ID", "ReL": "Sci-ReL"}}
+
+
+def test_table2_rows_are_the_paper_methods_in_order(paper_report):
+    rep, md = paper_report
+    t2 = rep["table2"]
+    assert t2["methods"] == ["SASRec", "S3-Rec", "ID-SASRec", "ReL"]  # GB, FT, UniSRec-*, BPR are no Table II rows
+    assert [r["name"] for r in t2["rows"]] == ["SASRec", "S3-Rec", "ID-SASRec", "ANT"]
+    assert t2["domains"] == ["Arts", "Sci"]
+    rel = next(r for r in t2["rows"] if r["method"] == "ReL")
+    assert rel["domains"]["Arts"]["runs"] == ["Arts-ReL"]  # the run on half of the users is not in Table II
+    rows = first_table(md_section(md, "Table II:").split("### Recall@10\n", 1)[1])
+    assert rows[0] == ["Method", "Arts", "Sci"]
+    assert [r[0] for r in rows[2:]] == ["SASRec", "S3-Rec", "ID-SASRec", "ANT"]
+    assert rows[3][2] == "–"  # S3-Rec has no Sci run
+
+
+def test_table2_bold_and_marks_match_scipy(paper_runs, paper_report):
+    rep, md = paper_report
+    t2 = rep["table2"]
+    names = {"ReL": "ANT"}
+    outcomes = set()
+    for metric in METRICS:
+        rows = {r[0]: r[1:] for r in first_table(md_section(md, "Table II:").split(f"### {label(metric)}\n", 1)[1])[2:]}
+        for j, domain in enumerate(("Arts", "Sci")):
+            values = {m: group_values(paper_runs, [run], domain, metric) for m, run in TABLE2[domain].items()}
+            ranked = sorted(values, key=lambda m: values[m][2].mean(), reverse=True)
+            best, runner_up = ranked[0], ranked[1]
+            p = stats.ttest_rel(values[best][1], values[runner_up][1]).pvalue
+            col = t2["columns"][domain][metric]
+            assert col["best"] == [best] and col["runner_up"] == runner_up
+            assert col["p_value"] == pytest.approx(p, rel=1e-9) and col["significant"] == (p < 0.05)
+            outcomes.add((domain, p < 0.05))
+            for method in TABLE2[domain]:
+                cell = rows[names.get(method, method)][j]
+                assert cell == (f"**{values[method][2].mean():.4f}**" + ("\\*" if p < 0.05 else "")
+                                if method == best else f"{values[method][2].mean():.4f}")
+    assert outcomes == {("Arts", True), ("Sci", False)}  # ANT wins Arts significantly, SASRec wins Sci barely
+
+
+def test_baseline_labels_sort_in_the_section_tables(paper_report):
+    rep, _ = paper_report
+    order = {t["domain"]: [r["method"] for r in t["rows"]] for t in rep["tables"] if t["train_users_fraction"] == 1}
+    assert order["Arts"] == ["SASRec", "S3-Rec", "ID-SASRec", "GB", "FT", "ReL"]
+    assert order["Sci"] == ["SASRec", "ID-SASRec", "GB", "ReL", "UniSRec-GB", "UniSRec-ReL", "Another", "BPR",
+                            "ReL -T"]
+
+
+def test_negative_transfer_needs_significance(paper_runs, paper_report):
+    rep, md = paper_report
+    nt = next(t for t in rep["negative_transfer"] if t["domain"] == "Arts")["rows"][0]["methods"]
+    _, gb, _ = group_values(paper_runs, ["Arts-GB"], "Arts", "recall@10")
+    p = {m: stats.ttest_rel(group_values(paper_runs, [f"Arts-{m}"], "Arts", "recall@10")[1], gb).pvalue
+         for m in ("FT", "ReL")}
+    assert p["FT"] > 0.05 and p["ReL"] < 0.05  # how the runs were built
+    assert nt["FT"]["rel_change_pct"] < 0 and nt["FT"]["outcome"] == "n.s."
+    assert nt["FT"]["negative_transfer"] is False and nt["FT"]["significant"] is False
+    assert nt["ReL"]["outcome"] == "negative transfer" and nt["ReL"]["negative_transfer"] is True
+    line = next(ln for ln in md_section(md, "Negative transfer").splitlines() if ln.startswith("| Arts | Recall@10"))
+    assert line.endswith("| negative transfer: ReL; below GB, n.s.: FT |")
+    assert f"{nt['FT']['rel_change_pct']:+.2f}% n.s." in line and f"{nt['ReL']['rel_change_pct']:+.2f}%\\*" in line
+
+
+def test_table3_changes_vs_the_family_gb(paper_runs, paper_report):
+    rep, md = paper_report
+    t3 = rep["table3"]
+    assert t3["families"] == ["UniSRec", "ANT"] and t3["domains"] == ["Arts", "Sci"]
+    rows = {(r["domain"], r["metric"]): r["families"] for r in t3["rows"]}
+    assert len(rows) == 2 * len(METRICS)
+    # UniSRec on Sci: GB 30 hits, ReL 33 hits of 150 users: +10 % on every metric, p of 3 single-user gains
+    p = stats.ttest_rel(hits(33)["recall@10"], hits(30)["recall@10"]).pvalue
+    assert p > 0.05
+    for metric in METRICS:
+        uni = rows[("Sci", metric)]["UniSRec"]
+        assert uni["GB"]["value"] == pytest.approx(0.2 if metric.startswith("recall") else 0.1)
+        assert uni["ReL"]["rel_change_pct"] == pytest.approx(10.0, rel=1e-9) and uni["FT"] is None
+        assert uni["ReL"]["p_value"] == pytest.approx(p, rel=1e-9) and uni["ReL"]["outcome"] == "n.s."
+        assert rows[("Arts", metric)]["UniSRec"] == {"GB": None, "FT": None, "ReL": None}
+        for domain, role in (("Arts", "FT"), ("Arts", "ReL"), ("Sci", "ReL")):
+            _, gb_user, gb_mean = group_values(paper_runs, [f"{domain}-GB"], domain, metric)
+            _, user, mean = group_values(paper_runs, [f"{domain}-{role}"], domain, metric)
+            cell = rows[(domain, metric)]["ANT"][role]
+            assert cell["rel_change_pct"] == pytest.approx((mean[0] - gb_mean[0]) / gb_mean[0] * 100, rel=1e-9)
+            assert cell["p_value"] == pytest.approx(stats.ttest_rel(user, gb_user).pvalue, rel=1e-9)
+        assert rows[("Arts", metric)]["ANT"]["ReL"]["outcome"] == "negative transfer"
+        assert rows[("Sci", metric)]["ANT"]["FT"] is None
+    table = first_table(md_section(md, "Table III:"))
+    assert table[0] == ["Target", "Metric", "UniSRec GB", "UniSRec FT", "UniSRec ReL", "ANT GB", "ANT FT", "ANT ReL"]
+    sci = next(r for r in table if r[:2] == ["Sci", "Recall@10"])
+    assert sci[2:5] == ["0.2000", "–", "**0.2200** (+10.00% n.s.)"]
+    arts = next(r for r in table if r[:2] == ["Arts", "Recall@10"])
+    assert arts[2:5] == ["–", "–", "–"] and arts[5].startswith("**")  # ANT's GB is the best of its family on Arts
+    assert arts[7].endswith("%\\*)") and arts[7].split("(")[1].startswith("-")  # significant loss
+    assert arts[6].endswith("% n.s.)")
+
+
+def test_paper_tables_left_out_without_their_runs(tmp_path):
+    rng = np.random.default_rng(5)
+    ids = np.arange(40)
+    write_run(tmp_path / "runs", "GB", "GB", "Sci", base_values(rng, 40), ids)
+    write_run(tmp_path / "runs", "ReL", "ReL", "Sci", base_values(rng, 40), ids)
+    write_run(tmp_path / "runs", "SASRec-half", "SASRec", "Sci", base_values(rng, 40), ids, fraction=0.5)
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert rep["table2"] is None and "## Table II:" not in md  # one Table II method (ReL) on all users
+    assert rep["table3"]["families"] == ["ANT"] and "## Table III:" in md
+    write_run(tmp_path / "runs2", "SASRec", "SASRec", "Sci", base_values(rng, 40), ids)
+    write_run(tmp_path / "runs2", "FT", "FT", "Sci", base_values(rng, 40), ids)
+    assert main([str(tmp_path / "runs2"), "--out", str(tmp_path / "out2")]) == 0
+    rep = json.loads((tmp_path / "out2" / "report.json").read_text())
+    assert rep["table3"] is None and "## Table III:" not in (tmp_path / "out2" / "report.md").read_text()  # no GB
+    assert rep["table2"] is None  # SASRec alone: FT is no Table II method

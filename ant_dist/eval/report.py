@@ -8,10 +8,12 @@ The flags are shorthands for the options below: every entry point takes --config
 The output folder is built beside `out` and swapped in when complete: a failure leaves the
 previous report as it was.
 
-Reads every metrics.json written by `ant_dist.relearn` (format: docs/report.md), groups the runs
-by (domain, method, train_users_fraction), aggregates the seeds of a group (mean ± std over
-seeds; per-user values averaged over seeds for the paired t-test) and writes into --out:
-report.md (tables, plots, the runs used), report.json (the same numbers) and PNG plots.
+Reads every metrics.json written by `ant_dist.relearn` or `ant_dist.baselines` (format:
+docs/report.md), groups the runs by (domain, method, train_users_fraction), aggregates the seeds
+of a group (mean ± std over seeds; per-user values averaged over seeds for the paired t-test) and
+writes into --out: report.md (the paper's Tables II and III over the runs on all users, a methods
+table per target and fraction, the negative-transfer table, plots, the runs used), report.json
+(the same numbers) and PNG plots.
 
 Exit codes: 0 done, 2 bad input (no metrics.json found, a malformed file, runs of one method and
 domain evaluated on different users, a bad option); the message says which.
@@ -32,13 +34,19 @@ import numpy as np
 from ant_dist.config import ReportConfig, flag_overrides, parse_cli
 from ant_dist.eval.results import ReportError, Run, read_metrics
 from ant_dist.eval.tables import render_markdown, section_title
-from ant_dist.methods import BASELINE_METHOD, METHOD_ORDER, TRANSFER_METHODS
+from ant_dist.methods import (BASELINE_METHOD, DISPLAY_NAMES, METHOD_ORDER, TABLE2_METHODS, TABLE3_FAMILIES,
+                              TRANSFER_METHODS)
 from ant_dist.runtime import staging
 from ant_dist.runtime.exit_codes import EXIT_BAD_INPUT, EXIT_OK
 from ant_dist.runtime.locking import LockedError, exclusive_dir_lock
 
 REPORT_FORMAT = "ant-dist-report/1"
-NT_METRICS = ("recall@10", "ndcg@10")       # the paper's Table III metrics shown by the report
+NT_METRICS = ("recall@10", "ndcg@10")       # the metrics of the per-section negative-transfer table
+PAPER_FRACTION = 1.0                         # Tables II and III compare the runs trained on all users
+# row order of the per-section tables: the baselines of Table II, the methods of ant_dist.relearn, the
+# other families of Table III; any other label after these, A-Z
+ROW_ORDER = tuple(dict.fromkeys([m for m in TABLE2_METHODS if m not in METHOD_ORDER] + list(METHOD_ORDER)
+                                + [label for labels in TABLE3_FAMILIES.values() for label in labels]))
 
 
 @dataclass
@@ -116,7 +124,7 @@ def relative_change(value: float, reference: float) -> Optional[float]:
 
 
 def _method_key(method: str) -> tuple:
-    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+    return (ROW_ORDER.index(method), "") if method in ROW_ORDER else (len(ROW_ORDER), method)
 
 
 def build_sections(runs: list, metrics: Sequence[str]) -> list[Section]:
@@ -147,48 +155,123 @@ def build_sections(runs: list, metrics: Sequence[str]) -> list[Section]:
     return sections
 
 
+def best_column(stats: Sequence[GroupStats], metric: str, alpha: float) -> dict:
+    """One column of a methods table: the best mean, the runner-up and their paired t-test; `significant`
+    when the best is ahead on the paired users with p < alpha (a tie for the best has no single winner)."""
+    top = max(s.mean[metric] for s in stats)
+    best = [s for s in stats if s.mean[metric] == top]
+    others = [s for s in stats if s.mean[metric] < top]
+    col = {"best": [s.method for s in best], "runner_up": None, "p_value": None, "n_paired_users": None,
+           "significant": False}
+    if len(best) == 1 and others:
+        runner_up = max(others, key=lambda s: s.mean[metric])
+        test = paired_ttest(best[0].user_ids, best[0].per_user[metric], runner_up.user_ids,
+                            runner_up.per_user[metric])
+        col.update(runner_up=runner_up.method, p_value=test["p"], n_paired_users=test["n"],
+                   significant=test["p"] is not None and test["p"] < alpha and test["mean_diff"] > 0)
+    return col
+
+
+def _row(s: GroupStats) -> dict:
+    return {"method": s.method, "n_seeds": len(s.runs), "runs": [r.run_name for r in s.runs],
+            "seeds": [[r.seed, r.pretrain_seed] for r in s.runs], "n_users": int(s.user_ids.size),
+            "mean": s.mean, "std": s.std}
+
+
 def method_table(section: Section, metrics: Sequence[str], alpha: float) -> dict:
-    """Table II/IV: methods x metrics; per column the best, the runner-up and their paired t-test."""
-    rows = [{"method": s.method, "n_seeds": len(s.runs), "runs": [r.run_name for r in s.runs],
-             "seeds": [[r.seed, r.pretrain_seed] for r in s.runs], "n_users": int(s.user_ids.size),
-             "mean": s.mean, "std": s.std} for s in section.stats]
-    columns = {}
-    for m in metrics:
-        top = max(s.mean[m] for s in section.stats)
-        best = [s for s in section.stats if s.mean[m] == top]
-        others = [s for s in section.stats if s.mean[m] < top]
-        col = {"best": [s.method for s in best], "runner_up": None, "p_value": None, "n_paired_users": None,
-               "significant": False}
-        if len(best) == 1 and others:  # a tie for the best has no single winner to test
-            runner_up = max(others, key=lambda s: s.mean[m])
-            test = paired_ttest(best[0].user_ids, best[0].per_user[m], runner_up.user_ids, runner_up.per_user[m])
-            col.update(runner_up=runner_up.method, p_value=test["p"], n_paired_users=test["n"],
-                       significant=test["p"] is not None and test["p"] < alpha and test["mean_diff"] > 0)
-        columns[m] = col
-    return {"domain": section.domain, "train_users_fraction": section.fraction, "rows": rows, "columns": columns}
+    """One section's methods x metrics (every method of it, ablations included): per column the best,
+    the runner-up and their paired t-test."""
+    return {"domain": section.domain, "train_users_fraction": section.fraction,
+            "rows": [_row(s) for s in section.stats],
+            "columns": {m: best_column(section.stats, m, alpha) for m in metrics}}
+
+
+def transfer_cell(s: GroupStats, gb: GroupStats, metric: str, alpha: float) -> dict:
+    """An adapted model vs its ground-built one (GB): the relative change and the paired t-test.
+    outcome: 'negative transfer' (worse, p < alpha), 'positive transfer' (better, p < alpha) or 'n.s.'."""
+    test = paired_ttest(s.user_ids, s.per_user[metric], gb.user_ids, gb.per_user[metric])
+    significant = test["p"] is not None and test["p"] < alpha
+    worse = s.mean[metric] < gb.mean[metric]
+    return {"value": s.mean[metric], "std": s.std[metric], "n_seeds": len(s.runs),
+            "rel_change_pct": relative_change(s.mean[metric], gb.mean[metric]),
+            "p_value": test["p"], "n_paired_users": test["n"], "significant": significant,
+            "negative_transfer": significant and worse,
+            "outcome": ("negative transfer" if worse else "positive transfer") if significant else "n.s."}
+
+
+def transfer_metrics(metrics: Sequence[str]) -> list[str]:
+    """The negative-transfer table's metrics: Recall@10 and NDCG@10 when chosen, else the first two."""
+    return [m for m in NT_METRICS if m in metrics] or list(metrics[:2])
 
 
 def negative_transfer_table(section: Section, metrics: Sequence[str], alpha: float) -> Optional[dict]:
-    """Table III: GB vs the transfer methods; None when GB or every transfer method is missing."""
+    """GB vs the transfer methods on one section; None when GB or every transfer method is missing."""
     by_method = {s.method: s for s in section.stats}
     gb = by_method.get(BASELINE_METHOD)
     present = [m for m in TRANSFER_METHODS if m in by_method]
-    shown = [m for m in NT_METRICS if m in metrics] or list(metrics[:2])
     if gb is None or not present:
         return None
-    rows = []
-    for m in shown:
-        row = {"metric": m, "GB": gb.mean[m], "GB_std": gb.std[m], "methods": {}}
-        for method in present:
-            s = by_method[method]
-            test = paired_ttest(s.user_ids, s.per_user[m], gb.user_ids, gb.per_user[m])
-            row["methods"][method] = {
-                "value": s.mean[m], "std": s.std[m], "rel_change_pct": relative_change(s.mean[m], gb.mean[m]),
-                "p_value": test["p"], "n_paired_users": test["n"],
-                "significant": test["p"] is not None and test["p"] < alpha,
-                "negative_transfer": s.mean[m] < gb.mean[m]}
-        rows.append(row)
+    rows = [{"metric": m, "GB": gb.mean[m], "GB_std": gb.std[m],
+             "methods": {method: transfer_cell(by_method[method], gb, m, alpha) for method in present}}
+            for m in transfer_metrics(metrics)]
     return {"domain": section.domain, "train_users_fraction": section.fraction, "methods": present, "rows": rows}
+
+
+# ----------------------------------------------------------------------------- the paper's Tables II, III
+def _full_sections(sections: Sequence[Section]) -> dict[str, dict[str, GroupStats]]:
+    """domain -> {method: its stats} over the sections of the runs trained on all users."""
+    return {s.domain: {g.method: g for g in s.stats} for s in sections if s.fraction == PAPER_FRACTION}
+
+
+def table2(sections: Sequence[Section], metrics: Sequence[str], alpha: float) -> Optional[dict]:
+    """Table II: the methods of methods.TABLE2_METHODS x targets, per metric the best of each target
+    column against its runner-up; None unless at least two of those methods have runs."""
+    by_domain = {d: {m: g for m, g in by.items() if m in TABLE2_METHODS} for d, by in _full_sections(sections).items()}
+    by_domain = {d: by for d, by in by_domain.items() if by}
+    methods = [m for m in TABLE2_METHODS if any(m in by for by in by_domain.values())]
+    if len(methods) < 2:
+        return None
+    rows = [{"method": m, "name": DISPLAY_NAMES.get(m, m),
+             "domains": {d: {k: v for k, v in _row(by[m]).items() if k != "method"}
+                         for d, by in by_domain.items() if m in by}} for m in methods]
+    columns = {d: {m: best_column(list(by.values()), m, alpha) for m in metrics} for d, by in by_domain.items()}
+    return {"train_users_fraction": PAPER_FRACTION, "metrics": list(metrics), "domains": list(by_domain),
+            "methods": methods, "rows": rows, "columns": columns}
+
+
+def _family_cells(labels: Sequence[str], by: dict, metric: str, alpha: float) -> dict:
+    """{GB, FT, ReL} of one family on one target: GB's value, FT's and ReL's change vs that GB."""
+    gb = by.get(labels[0])
+    cells = {"GB": None if gb is None else {"value": gb.mean[metric], "std": gb.std[metric],
+                                            "n_seeds": len(gb.runs)}}
+    for role, label in zip(("FT", "ReL"), labels[1:]):
+        s = by.get(label)
+        if s is None or gb is None:  # an adapted model without its GB: its value alone, nothing to compare
+            cells[role] = None if s is None else {
+                "value": s.mean[metric], "std": s.std[metric], "n_seeds": len(s.runs), "rel_change_pct": None,
+                "p_value": None, "n_paired_users": None, "significant": False, "negative_transfer": False,
+                "outcome": None}
+        else:
+            cells[role] = transfer_cell(s, gb, metric, alpha)
+    return cells
+
+
+def table3(sections: Sequence[Section], metrics: Sequence[str], alpha: float) -> Optional[dict]:
+    """Table III: per model family of methods.TABLE3_FAMILIES, its GB, FT and ReL per target and metric,
+    FT and ReL as changes vs the family's GB. A family is shown when some target has its GB and at
+    least one of FT, ReL; None when no family is."""
+    full = _full_sections(sections)
+    families = {f: labels for f, labels in TABLE3_FAMILIES.items()
+                if any(labels[0] in by and (labels[1] in by or labels[2] in by) for by in full.values())}
+    if not families:
+        return None
+    domains = [d for d, by in full.items() if any(label in by for labels in families.values() for label in labels)]
+    rows = [{"domain": d, "metric": m,
+             "families": {f: _family_cells(labels, full[d], m, alpha) for f, labels in families.items()}}
+            for d in domains for m in metrics]
+    return {"train_users_fraction": PAPER_FRACTION, "metrics": list(metrics), "domains": domains,
+            "families": list(families), "labels": {f: dict(zip(("GB", "FT", "ReL"), labels))
+                                                   for f, labels in families.items()}, "rows": rows}
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -239,6 +322,8 @@ def _write_report(out: Path, runs: list, sections: list, metrics: Sequence[str],
         "format": REPORT_FORMAT, "alpha": alpha, "metrics": list(metrics),
         "tables": [method_table(s, metrics, alpha) for s in sections],
         "negative_transfer": [t for s in sections if (t := negative_transfer_table(s, metrics, alpha))],
+        "table2": table2(sections, metrics, alpha),
+        "table3": table3(sections, metrics, alpha),
         "runs": [{"run_name": r.run_name, "method": r.method, "domains": list(r.test), "seed": r.seed,
                   "pretrain_seed": r.pretrain_seed, "train_users_fraction": r.fraction,
                   "best_epoch": r.best.get("epoch"), "path": str(r.path)} for r in runs],

@@ -1,5 +1,5 @@
-"""Markdown rendering of a report built by `ant_dist.report`: the method tables, the
-negative-transfer table and the list of runs used."""
+"""Markdown rendering of a report built by `ant_dist.report`: the paper's Tables II and III, the
+per-section method tables, the negative-transfer table and the list of runs used."""
 
 from __future__ import annotations
 
@@ -34,16 +34,20 @@ def _p(p: Optional[float]) -> str:
     return "n/a" if p is None else f"{p:.2g}"
 
 
+def _head(names: Sequence[str]) -> list[str]:
+    return ["| " + " | ".join(names) + " |", "| " + " | ".join("---" for _ in names) + " |"]
+
+
+def _best_cell(values: dict, metric: str, col: dict, method: str) -> str:
+    """mean (± std), in bold when the method is the column's best, then \\* when that best is significant."""
+    text = format_value(values["mean"][metric], values["std"][metric])
+    return f"**{text}**" + ("\\*" if col["significant"] else "") if method in col["best"] else text
+
+
 def render_method_table(table: dict, metrics: Sequence[str], alpha: float) -> list[str]:
-    lines = ["| Method | " + " | ".join(metric_label(m) for m in metrics) + " |",
-             "| --- | " + " | ".join("---" for _ in metrics) + " |"]
+    lines = _head(["Method"] + [metric_label(m) for m in metrics])
     for row in table["rows"]:
-        cells = []
-        for m in metrics:
-            text, col = format_value(row["mean"][m], row["std"][m]), table["columns"][m]
-            if row["method"] in col["best"]:
-                text = f"**{text}**" + ("\\*" if col["significant"] else "")
-            cells.append(text)
+        cells = [_best_cell(row, m, table["columns"][m], row["method"]) for m in metrics]
         lines.append(f"| {_cell(row['method'])} | " + " | ".join(cells) + " |")
     seeds = max(r["n_seeds"] for r in table["rows"])
     n_users = {r["method"]: r["n_users"] for r in table["rows"]}
@@ -62,30 +66,90 @@ def _bold_if(mean: float, std: Optional[float], top: float) -> str:
     return f"**{format_value(mean, std)}**" if mean == top else format_value(mean, std)
 
 
+def _change(r: dict) -> str:
+    """An adapted model's relative change vs GB: `+4.12%\\*` when significant, `-0.57% n.s.` when not."""
+    if r.get("rel_change_pct") is None:
+        return "n/a"
+    return f"{r['rel_change_pct']:+.2f}%" + ("\\*" if r["significant"] else " n.s.")
+
+
+def _transfer_note(cells: dict) -> str:
+    """The Note column: the methods with a significant loss vs GB, and those below GB but not significantly."""
+    worse = [m for m, r in cells.items() if r["negative_transfer"]]
+    ns = [m for m, r in cells.items() if not r["significant"] and r["rel_change_pct"] is not None
+          and r["rel_change_pct"] < 0]
+    return "; ".join(([f"negative transfer: {', '.join(worse)}"] if worse else [])
+                     + ([f"below GB, n.s.: {', '.join(ns)}"] if ns else []))
+
+
 def render_negative_transfer(tables: list[dict], alpha: float) -> list[str]:
     methods = [m for m in TRANSFER_METHODS if any(m in t["methods"] for t in tables)]
-    head = ["Domain", "Metric", "GB"] + [c for m in methods for c in (m, f"{m} vs GB")] + ["Note"]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    lines = _head(["Domain", "Metric", "GB"] + [c for m in methods for c in (m, f"{m} vs GB")] + ["Note"])
     for t in tables:
         title = section_title(t["domain"], t["train_users_fraction"])
         for row in t["rows"]:
-            values = [row["GB"]] + [row["methods"][m]["value"] for m in methods if m in row["methods"]]
-            top = max(values)
-            cells, worse = [_cell(title), metric_label(row["metric"]), _bold_if(row["GB"], row["GB_std"], top)], []
+            top = max([row["GB"]] + [r["value"] for r in row["methods"].values()])
+            cells = [_cell(title), metric_label(row["metric"]), _bold_if(row["GB"], row["GB_std"], top)]
             for m in methods:
                 r = row["methods"].get(m)
-                if r is None:
-                    cells += ["–", "–"]
-                    continue
-                change = "n/a" if r["rel_change_pct"] is None else f"{r['rel_change_pct']:+.2f}%"
-                cells += [_bold_if(r["value"], r["std"], top), change + ("\\*" if r["significant"] else "")]
-                if r["negative_transfer"]:
-                    worse.append(m + (" (significant)" if r["significant"] else ""))
-            cells.append("negative transfer: " + ", ".join(worse) if worse else "")
-            lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"X vs GB: relative change of X over GB, (X - GB) / GB. \\*: the difference from GB has "
-              f"p < {alpha:g} (two-sided paired t-test on per-user test values). Negative transfer: the adapted "
-              "model is worse than the ground-built one (GB). Bold: the best of the row."]
+                cells += ["–", "–"] if r is None else [_bold_if(r["value"], r["std"], top), _change(r)]
+            lines.append("| " + " | ".join(cells + [_transfer_note(row["methods"])]) + " |")
+    lines += ["", f"X vs GB: relative change of X over GB, (X - GB) / GB; \\*: the difference from GB has "
+              f"p < {alpha:g} (two-sided paired t-test on per-user test values), n.s.: it has not. Negative "
+              "transfer: the adapted model is significantly worse than the ground-built one (GB); a lower "
+              "value that is not significant is listed as n.s. Bold: the best of the row."]
+    return lines
+
+
+def _column_tests(columns: dict, names: dict) -> str:
+    """`Arts: ANT vs SASRec p=0.0012; ...`: each column's best against its runner-up."""
+    tests = [f"{_cell(d)}: {names[c['best'][0]]} vs {names[c['runner_up']]} p={_p(c['p_value'])} "
+             f"({c['n_paired_users']} users)" for d, c in columns.items() if c["runner_up"] is not None]
+    return "; ".join(tests) if tests else "no comparison (one method or a tie)"
+
+
+def render_table2(t: dict, alpha: float) -> list[str]:
+    """Table II: one methods x targets table per metric, methods under their display names."""
+    names = {r["method"]: r["name"] for r in t["rows"]}
+    lines = []
+    for m in t["metrics"]:
+        lines += [f"### {metric_label(m)}", ""] + _head(["Method"] + [_cell(d) for d in t["domains"]])
+        for row in t["rows"]:
+            cells = [_best_cell(row["domains"][d], m, t["columns"][d][m], row["method"])
+                     if d in row["domains"] else "–" for d in t["domains"]]
+            lines.append(f"| {_cell(row['name'])} | " + " | ".join(cells) + " |")
+        lines += ["", "Best vs runner-up: " + _column_tests({d: t["columns"][d][m] for d in t["domains"]}, names)
+                  + ".", ""]
+    shown = ", ".join(f"{k} as {v}" for k, v in names.items() if k != v)
+    lines += [f"Runs trained on all users of each target. Bold: the best per target; \\*: it beats the runner-up "
+              f"with p < {alpha:g} (two-sided paired t-test on per-user test values, each user's values averaged "
+              f"over seeds). –: no run." + (f" Shown under the paper's names: {shown}." if shown else "")]
+    return lines
+
+
+def _family_cell(cell: Optional[dict], top: float) -> str:
+    if cell is None:
+        return "–"
+    text = _bold_if(cell["value"], cell["std"], top)
+    return text if cell.get("rel_change_pct") is None else f"{text} ({_change(cell)})"
+
+
+def render_table3(t: dict, alpha: float) -> list[str]:
+    """Table III: per target and metric, each family's GB, FT and ReL; FT and ReL with their change vs GB."""
+    lines = _head(["Target", "Metric"] + [f"{f} {role}" for f in t["families"] for role in ("GB", "FT", "ReL")])
+    for row in t["rows"]:
+        cells = [_cell(row["domain"]), metric_label(row["metric"])]
+        for f in t["families"]:
+            family = row["families"][f]
+            top = max((c["value"] for c in family.values() if c is not None), default=None)
+            cells += [_family_cell(family[role], top) for role in ("GB", "FT", "ReL")]
+        lines.append("| " + " | ".join(cells) + " |")
+    labels = "; ".join(f"{f}: " + ", ".join(f"{role} = {label}" for role, label in t["labels"][f].items())
+                       for f in t["families"])
+    lines += ["", f"Runs trained on all users of each target (run labels {labels}). GB: the ground-built model, "
+              "FT: fine-tuned, ReL: re-learned. In brackets: the change vs the family's GB, (X - GB) / GB; "
+              f"\\*: p < {alpha:g} (two-sided paired t-test on per-user test values), n.s.: not significant. A "
+              "significant loss is negative transfer. Bold: the best of the family on the row. –: no run."]
     return lines
 
 
@@ -94,6 +158,10 @@ def render_markdown(report: dict, metrics: Sequence[str], alpha: float) -> str:
              f"{len(report['runs'])} run(s); test metrics (best-validation weights); significance level "
              f"{alpha:g}. The same numbers are in report.json.", ""]
     plots = {(p["domain"], p["train_users_fraction"], p["kind"]): p["file"] for p in report["plots"]}
+    if report["table2"]:
+        lines += ["## Table II: methods × targets", ""] + render_table2(report["table2"], alpha) + [""]
+    if report["table3"]:
+        lines += ["## Table III: adapted vs ground-built models", ""] + render_table3(report["table3"], alpha) + [""]
     for table in report["tables"]:
         where = (table["domain"], table["train_users_fraction"])
         title = section_title(*where)
