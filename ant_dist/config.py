@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ant_dist.methods import ITEM_REPRS, METHODS, MODES
+from ant_dist.methods import ITEM_REPRS, METHODS, MODES, RECBOLE_BASELINES
 # a stage imports its config and its parser from one place
 from ant_dist.runtime.options import (ConfigError, check_choices, field_help, flag_overrides,  # noqa: F401
                                       format_help, load_config, opt, parse_cli, save_config)
@@ -251,6 +251,42 @@ class ExportRecboleConfig:
     out: str = opt("???", "output root (RecBole's data_path): files go to <out>/<name>/<name>.inter, .item")
     name: str = opt("", "RecBole dataset name (sub-folder and file stem); empty = the domain folder's name")
     progress: bool = opt(True, "show progress bars")
+
+
+# ----------------------------------------------------------------------------- RecBole baselines
+@dataclass
+class BaselinesConfig:
+    domain: str = opt("???", "target domain: a packed folder under `shards`")
+    model: str = opt("", f"one baseline: {', '.join(RECBOLE_BASELINES)}", choices=("", *RECBOLE_BASELINES))
+    models: list = opt([], "several baselines, run one after another (instead of model=)",
+                       choices=tuple(RECBOLE_BASELINES))
+    shards: str = opt("shards", "root of the packed domains (tools/pack.py output)")
+    features: str = opt("features", "root of the feature tables: FDSA and S3-Rec read the domain's text table")
+    out: str = opt("runs", "runs root; a baseline's run is <out>/<run_name>/")
+    run_name: str = opt("", "run folder; default baselines/<domain>/<label>/seed<seed> (a {model} in it is "
+                        "replaced by the label, for models=[...])")
+    hidden: int = opt(64, "d: item embedding and hidden size (paper: searched in 64, 128, 300)")
+    max_len: int = opt(50, "most recent items of a user's input (RecBole's MAX_ITEM_LIST_LENGTH; relearn's max_len)")
+    inner_size: int = opt(256, "feed-forward width of the Transformer baselines (RecBole's default)")
+    n_layers: int = opt(2, "Transformer layers")
+    n_heads: int = opt(2, "attention heads")
+    dropout: Optional[float] = opt(None, "hidden and attention dropout (NPE: its dropout_prob); default: RecBole's "
+                                   "for the model (0.5; BERT4Rec 0.2, NPE 0.3)")
+    lr: float = opt(1e-3, "Adam learning rate (paper: searched in 3e-4, 1e-3, 3e-3, 1e-2)")
+    batch_size: int = opt(2048, "training batch (paper: 2,048)")
+    epochs: int = opt(300, "most training epochs")
+    patience: int = opt(10, "early stopping: stop after this many epochs without a better validation metric")
+    select_metric: str = opt("recall@10", "our validation metric that picks the best epoch (as relearn's)")
+    exclude_history: bool = opt(True, "remove a user's earlier items from the ranking (RecBole: false)")
+    s3rec_pretrain_epochs: int = opt(10, "S3-Rec's self-supervised pre-training epochs before fine-tuning")
+    s3rec_attributes: int = opt(0, "S3-Rec item attributes: k-means clusters of the text table (0: sqrt(items), "
+                                "clamped to 8..256); each item gets its 3 nearest clusters")
+    seed: int = opt(0, "seed of RecBole's initialisation and batches")
+    device: str = opt("auto", "auto (cuda when available) | cpu | cuda")
+    eval_batch: int = opt(256, "users per scoring batch")
+    tracker: str = opt("wandb", "wandb (offline without an API key) | none", choices=("wandb", "none"))
+    wandb_project: str = opt("ant-dist", "W&B project")
+    progress: bool = opt(True, "progress bars")
 
 
 # ----------------------------------------------------------------------------- report

@@ -22,7 +22,9 @@ ALLOWED = {
     "eval": {"runtime", "config", "methods", "data", "features", "model"},
     "serving": {"runtime", "config", "data", "features", "model", "eval"},
     "train": {"runtime", "config", "methods", "data", "features", "model", "eval"},
-    "pipeline": {"runtime", "config", "methods", "data", "features", "model", "eval", "serving", "train"},
+    "baselines": {"runtime", "config", "methods", "data", "features", "eval", "train"},
+    "pipeline": {"runtime", "config", "methods", "data", "features", "model", "eval", "serving", "train",
+                 "baselines"},
 }
 
 

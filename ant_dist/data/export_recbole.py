@@ -201,20 +201,24 @@ def write_inter(path: Path, d: PackedDomain) -> None:
         pacsv.write_csv(table, fh, pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none"))
 
 
-def write_item(path: Path, d: PackedDomain, with_price: bool) -> None:
+def write_item(path: Path, d: PackedDomain, with_price: bool, extra: Optional[dict] = None) -> None:
+    """The .item file; `extra` adds token_seq columns (name -> one string per catalog row)."""
+    extra = extra or {}
     with atomic_path(path, fsync=True) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-        fh.write("item_id:token\ttext:token_seq" + ("\tprice:float" if with_price else "") + "\n")
-        for item_id, text, price in zip(d.item_ids.to_pylist(), d.texts, d.prices):
+        fh.write("\t".join(["item_id:token", "text:token_seq", *(["price:float"] if with_price else []),
+                            *(f"{name}:token_seq" for name in extra)]) + "\n")
+        for row, (item_id, text, price) in enumerate(zip(d.item_ids.to_pylist(), d.texts, d.prices)):
             fields = [item_id, token_seq_field(text)] + ([price_field(price)] if with_price else [])
+            fields += [token_seq_field(values[row]) for values in extra.values()]
             fh.write("\t".join(fields) + "\n")
 
 
-def recbole_options(max_seq_len: int, with_price: bool) -> dict:
+def recbole_options(max_seq_len: int, with_price: bool, extra_item_fields: Sequence[str] = ()) -> dict:
     """RecBole options under which it uses the exported data as it is (our filtering already ran)."""
     return {
         "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp",
         "load_col": {"inter": ["user_id", "item_id", "timestamp"],
-                     "item": ["item_id", "text"] + (["price"] if with_price else [])},
+                     "item": ["item_id", "text"] + (["price"] if with_price else []) + list(extra_item_fields)},
         # no second k-core: truncation to the last N came after ours, so a refilter would drop more
         "user_inter_num_interval": "[0,inf)", "item_inter_num_interval": "[0,inf)",
         "val_interval": None,
@@ -225,13 +229,22 @@ def recbole_options(max_seq_len: int, with_price: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------- the export
-def export_domain(cfg: ExportRecboleConfig) -> dict:
-    """Export one packed domain; returns the record (also written to export_recbole.json)."""
+def export_domain(cfg: ExportRecboleConfig, extra_item_fields: Optional[dict] = None,
+                  packed: Optional[PackedDomain] = None) -> dict:
+    """Export one packed domain; returns the record (also written to export_recbole.json).
+
+    `extra_item_fields` (name -> one token string per catalog row) adds token_seq item columns
+    (the S3-Rec baseline's attributes); `packed` is the domain when the caller has read it already.
+    """
     domain_dir = Path(cfg.domain_dir)
     name = cfg.name or domain_dir.resolve().name
     if not name or "/" in name or name in (".", "..") or any(c in name for c in "\t\r\n"):
         raise ExportError(f"name must be a plain folder name, got {name!r}")
-    d = read_packed_domain(domain_dir, cfg.progress)
+    d = packed if packed is not None else read_packed_domain(domain_dir, cfg.progress)
+    extra = dict(extra_item_fields or {})
+    for field, values in extra.items():
+        if not field.isidentifier() or field in ("item_id", "text", "price") or len(values) != len(d.texts):
+            raise ExportError(f"extra item field {field!r}: a new identifier with one value per item expected")
     _check_tokens(d.user_ids, "user id")
     _check_tokens(d.item_ids, "item id")
     with_price = any(p is not None for p in d.prices)
@@ -240,7 +253,7 @@ def export_domain(cfg: ExportRecboleConfig) -> dict:
         # built beside the folder and swapped in whole: a failure leaves the previous export as it was
         work = staging.begin(out)
         try:
-            record = _write_export(work, name, domain_dir, d, with_price)
+            record = _write_export(work, name, domain_dir, d, with_price, extra)
         except BaseException:
             staging.abort(work)
             raise
@@ -249,12 +262,12 @@ def export_domain(cfg: ExportRecboleConfig) -> dict:
     return record
 
 
-def _write_export(out: Path, name: str, domain_dir: Path, d, with_price: bool) -> dict:
+def _write_export(out: Path, name: str, domain_dir: Path, d, with_price: bool, extra: dict) -> dict:
     write_inter(out / f"{name}.inter", d)
-    write_item(out / f"{name}.item", d, with_price)
+    write_item(out / f"{name}.item", d, with_price, extra)
     pack_cfg = d.report.get("config", {})
     max_seq_len = int(pack_cfg.get("max_seq_len", d.report.get("filtering", {}).get("max_seq_len", 50)))
-    options = recbole_options(max_seq_len, with_price)
+    options = recbole_options(max_seq_len, with_price, list(extra))
     write_text_atomic(out / RECBOLE_YAML, "# RecBole options for this export (python -m ant_dist.export_recbole)\n"
                       + OmegaConf.to_yaml(OmegaConf.create(options)), fsync=True)
     ties = int((within_user_steps(d.timestamps, d.lengths) == 0).sum())
