@@ -189,7 +189,7 @@ def _wandb(cfg: BaselinesConfig, run_dir: Path, name: str, config: dict):
     return (lambda record, step: run.log(record, step=step)), run.finish
 
 
-def _prepare_data(cfg: BaselinesConfig, label: str, run_dir: Path, packed, seqs: Sequences):
+def prepare_data(cfg: BaselinesConfig, label: str, run_dir: Path, packed, seqs: Sequences):
     """The export (with S3-Rec's attributes) and RecBole's config, dataset and loaders."""
     shards_dir = Path(cfg.shards) / cfg.domain
     text = _text_table(cfg, shards_dir) if label in TEXT_MODELS else None
@@ -206,10 +206,10 @@ def _prepare_data(cfg: BaselinesConfig, label: str, run_dir: Path, packed, seqs:
     config = rb.recbole_config(RECBOLE_BASELINES[label], cfg.domain, run_dir / "data",
                                Path(export["out"]) / RECBOLE_YAML, options, rb.use_cuda(cfg.device))
     dataset, train, valid, test = rb.build_data(config)
-    return config, dataset, train, text, options
+    return config, dataset, (train, valid, test), text, options
 
 
-def _build(config, dataset, label: str, text: Optional[np.ndarray], scorer_seqs: Sequences):
+def build_model(config, dataset, label: str, text: Optional[np.ndarray], scorer_seqs: Sequences):
     model = rb.build_model(config, dataset)
     if label == "FDSA":
         ids = np.asarray(dataset.token2id(config["ITEM_ID_FIELD"], scorer_seqs.item_tokens))
@@ -236,8 +236,8 @@ def run_baseline(cfg: BaselinesConfig, label: str, stop: dict) -> dict:
         seqs = Sequences.from_packed(packed)
         _check_lengths(seqs, cfg.domain)
         rb.import_recbole()
-        config, dataset, train_data, text, options = _prepare_data(cfg, label, run_dir, packed, seqs)
-        model = _build(config, dataset, label, text, seqs)
+        config, dataset, (train_data, _, _), text, options = prepare_data(cfg, label, run_dir, packed, seqs)
+        model = build_model(config, dataset, label, text, seqs)
         settings = {**{k: v for k, v in vars(cfg).items()}, "label": label, "run_name": name, "recbole": options}
         track, finish = _wandb(cfg, run_dir, name, settings)
         log = MetricsLog(run_dir / "metrics.jsonl", True)

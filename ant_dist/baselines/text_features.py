@@ -25,7 +25,8 @@ class TextFeatureLayer(nn.Module):
 
     def __init__(self, table: np.ndarray, hidden: int):
         super().__init__()
-        self.register_buffer("table", torch.as_tensor(np.asarray(table, dtype=np.float32)))
+        # data, not weights: rebuilt from the feature table, so not saved with the model
+        self.register_buffer("table", torch.as_tensor(np.asarray(table, dtype=np.float32)), persistent=False)
         self.proj = nn.Linear(self.table.shape[1], hidden)
 
     def forward(self, user_idx, item_idx):
