@@ -15,7 +15,8 @@ stopping after `patience` epochs without a better one) and its test figures writ
 baseline's users with ANT's. FDSA and S3-Rec read the domain's text table (ant_dist.embed output):
 ant_dist/baselines/text_features.py says how. Also in the run folder: model/ (the best weights,
 safetensors, and RecBole's options), metrics.jsonl, data/ (the export), tensorboard/, and the W&B
-run (offline without an API key).
+run (offline without an API key). metrics.json also holds `recbole_test`: RecBole's own full-sort
+test figures of the same weights (history ranked, RecBole's tie order), to compare with RecBole.
 
 Exit codes: 0 done (a run whose metrics.json exists is left as it is), 2 bad input, 3 non-finite
 training loss, 75 stopped by SIGTERM/SIGUSR1 at an epoch boundary (nothing is resumed: a rerun
@@ -236,7 +237,7 @@ def run_baseline(cfg: BaselinesConfig, label: str, stop: dict) -> dict:
         seqs = Sequences.from_packed(packed)
         _check_lengths(seqs, cfg.domain)
         rb.import_recbole()
-        config, dataset, (train_data, _, _), text, options = prepare_data(cfg, label, run_dir, packed, seqs)
+        config, dataset, (train_data, _, test_data), text, options = prepare_data(cfg, label, run_dir, packed, seqs)
         model = build_model(config, dataset, label, text, seqs)
         settings = {**{k: v for k, v in vars(cfg).items()}, "label": label, "run_name": name, "recbole": options}
         track, finish = _wandb(cfg, run_dir, name, settings)
@@ -252,6 +253,7 @@ def run_baseline(cfg: BaselinesConfig, label: str, stop: dict) -> dict:
             train_s = time.time() - train_s
             model.load_state_dict(training.best_state)
             result = _result(cfg, label, name, training, settings, started, train_s)
+            result["recbole_test"] = recbole_evaluation(training.trainer, test_data)
             track({f"test/{cfg.domain}/{k}": v for k, v in result["test"][cfg.domain]["mean"].items()},
                   training.best["step"])
         finally:
@@ -259,6 +261,13 @@ def run_baseline(cfg: BaselinesConfig, label: str, stop: dict) -> dict:
         _save_model(run_dir / "model", training.best_state, options, label)
         write_metrics(run_dir, result)
         return result
+
+
+def recbole_evaluation(trainer, test_data) -> dict:
+    """RecBole's own full-sort test figures of the loaded weights (its protocol: history ranked,
+    its tie order), beside ours for comparison with RecBole's published numbers."""
+    result = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
+    return {k: round(float(v), 6) for k, v in result.items()}
 
 
 def _s3rec_pretrain(training: Training, train_data, epochs: int) -> None:
