@@ -331,12 +331,20 @@ class ReproduceConfig:
                         "label of method_options")
     method_options: dict = opt({}, "extra methods: label -> relearn options, e.g. {'ReL -T': [mode=relearn, "
                                "'ablate=[T]']}")
-    seeds: list = opt([0, 1, 2], "re-learning seeds")
+    seeds: list = opt([0, 1, 2], "re-learning seeds (and the baselines': the same seeds pair their users)")
     select_metric: str = opt("recall@10", "validation metric that selects the epoch and the grid point")
+    baselines: list = opt(list(RECBOLE_BASELINES), "RecBole baselines of Table II, each run on every target x seed "
+                          "by `python -m ant_dist.baselines` (empty: none)", choices=tuple(RECBOLE_BASELINES))
+    baseline_options: dict = opt({}, "ant_dist.baselines options of every baseline (hidden, lr, epochs, batch_size, "
+                                 "max_len, ...) and, under a baseline's label, its own over them, e.g. "
+                                 "{batch_size: 2048, NPE: {hidden: 128, lr: 1e-3}}")
+    baseline_target_options: dict = opt({}, "per target, options over baseline_options in the same form (common, "
+                                        "then per label), e.g. {Scientific: {NPE: {hidden: 300, lr: 3e-3}}}")
     report_dir: str = opt("", "report folder (default <work_dir>/report); selection.json goes there too")
     report_metrics: str = opt("", "metrics of the report tables (empty: the report's default six)")
     alpha: float = opt(0.05, "significance level of the report's paired t-tests")
-    resources: dict = opt({}, "per stage (fetch, pack, embed, pretrain, relearn, select, report): nodes, gpus "
+    resources: dict = opt({}, "per stage (fetch, pack, embed, baselines, pretrain, relearn, select, report): "
+                          "nodes, gpus "
                           "(per node), processes (per node), cpus, mem, time, partition: sbatch options; "
                           "est_hours (per task) and est_disk_gb (whole stage): the dry run's estimate")
 

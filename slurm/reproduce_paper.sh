@@ -3,8 +3,11 @@
 #   bash slurm/reproduce_paper.sh --config configs/paper/ant.yaml [--targets A,B] [--seeds 0,1] [key=value ...]
 # fetch images (array over domains) -> pack (array) -> embed (slurm/embed.sh) -> pretrain
 # (slurm/pretrain.sh) -> relearn (array over targets x methods x grid points x seeds) -> select
-# -> report, each job submitted with --dependency=afterok on the previous stage (and
-# --kill-on-invalid-dep=yes, so a failed stage cancels the rest instead of leaving it pending).
+# -> report; beside pretrain and relearn, baselines (array over targets x RecBole baselines x
+# seeds, after embed), which the report waits for too. Each job is submitted with
+# --dependency=afterok on the stages it needs (its "after" in the plan: report after select and
+# baselines) and --kill-on-invalid-dep=yes, so a failed stage cancels the rest instead of leaving
+# it pending.
 # A stage whose outputs all exist is not submitted; a task whose output exists exits at once.
 # The plan comes from `python -m ant_dist.reproduce ... --emit-slurm`: the jobs run the same
 # commands as `python -m ant_dist.reproduce` on one machine. Run it where `sbatch` works; paths in
@@ -14,7 +17,8 @@
 #   ANT_PARTITION            partition of every job             ANT_SBATCH_ARGS  extra sbatch options, every job
 #   ANT_<STAGE>_PARTITION    partition of one stage             ANT_<STAGE>_TIME time limit (e.g. 08:00:00)
 #   ANT_<STAGE>_GPUS         GPUs per node (also the processes per node of embed/pretrain)
-#   ANT_<STAGE>_NODES, ANT_<STAGE>_CPUS, ANT_<STAGE>_MEM       (STAGE: FETCH PACK EMBED PRETRAIN RELEARN SELECT REPORT)
+#   ANT_<STAGE>_NODES, ANT_<STAGE>_CPUS, ANT_<STAGE>_MEM
+#   (STAGE: FETCH PACK EMBED BASELINES PRETRAIN RELEARN SELECT REPORT)
 #   ANT_ARRAY_MAX            at most this many tasks of an array at once (sbatch --array=0-N%MAX)
 #   ANT_PYTHON               the environment's python (default .venv/bin/python); ANT_CPU=1: CPU processes
 # Prints one line per stage (name, job id) and writes them to <submission folder>/jobs.tsv.
@@ -74,6 +78,6 @@ while IFS=$'\t' read -r name kind n after done nodes gpus procs cpus mem time pa
   id=${id%%;*}  # --parsable prints "id" or "id;cluster"
   job_of[$name]=$id
   printf '%s\t%s\n' "$name" "$id" >> "$dir/jobs.tsv"
-  echo "$name: job $id ($n task(s)${deps[*]:+, after ${deps[*]}})"
+  echo "$name: job $id ($n task(s)${deps[*]:+, after ${deps[*]}})"  # after: space-separated job ids
 done < "$dir/stages.tsv"
 echo "submitted; follow with: squeue --me (the report goes to the config's report folder)"

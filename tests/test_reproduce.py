@@ -1,7 +1,8 @@
 """The reproduction pipeline: the paper configs' plans (jobs, dependencies, array sizes computed
-here from the YAML), the grid, selection on validation, bad configs; then a tiny reproduction on
-the synthetic world (Amazon 2018 format, image URLs served by a loopback HTTP server, tiny local
-encoders) through `python -m ant_dist.reproduce` on this machine and through the real Slurm."""
+here from the YAML), the grid, selection on validation, the RecBole baselines' options and the
+report's inputs, bad configs; then a tiny reproduction on the synthetic world (Amazon 2018 format,
+image URLs served by a loopback HTTP server, tiny local encoders) through `python -m
+ant_dist.reproduce` on this machine and through the real Slurm."""
 
 import itertools
 import json
@@ -20,12 +21,19 @@ import yaml
 from test_slurm import _wait_job_done, cluster, slurm  # noqa: F401  (cluster: a fixture)
 
 from ant_dist.config import ConfigError, ReproduceConfig
-from ant_dist.pipeline.plan import grid_points, select_runs
+from ant_dist.methods import RECBOLE_BASELINES
+from ant_dist.pipeline.plan import build_plan, grid_points, report_inputs, select_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
-CHAIN = {"fetch": "-", "pack": "fetch", "embed": "pack", "pretrain": "embed", "relearn": "pretrain",
-         "select": "relearn", "report": "select"}
+CHAIN = {"fetch": "-", "pack": "fetch", "embed": "pack", "baselines": "embed", "pretrain": "embed",
+         "relearn": "pretrain", "select": "relearn", "report": "select,baselines"}
+# the paper's Table A1: per target, (d, lr) of NPE, SASRec, BERT4Rec, FDSA, S3-Rec
+TABLE_A1 = {"Scientific": [(300, 3e-3), (128, 1e-3), (128, 1e-2), (64, 3e-3), (300, 3e-3)],
+            "Pantry": [(128, 3e-3), (300, 3e-4), (300, 3e-3), (64, 1e-3), (300, 1e-3)],
+            "Instruments": [(128, 1e-3), (300, 3e-4), (300, 3e-4), (128, 3e-3), (300, 1e-3)],
+            "Arts": [(128, 1e-3), (300, 3e-4), (300, 3e-4), (128, 3e-3), (300, 3e-3)],
+            "Office": [(128, 1e-3), (300, 3e-4), (300, 3e-4), (128, 1e-3), (300, 3e-3)]}
 METHOD_MODES = {"GB": ("scratch", "irl"), "FT": ("finetune", "irl"), "ReL": ("relearn", "irl"),
                 "ANT_e": ("relearn", "irl+id"), "ID-SASRec": ("scratch", "id")}
 ENV_KEYS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
@@ -56,6 +64,44 @@ def command_options(line: str) -> dict:
     return dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
 
 
+BASELINE_PIPELINE_OPTIONS = {"model", "domain", "shards", "features", "out", "run_name", "seed", "select_metric"}
+
+
+def spec_baseline_options(spec: dict, target: str, label: str) -> dict:
+    """What a config's baseline_options and baseline_target_options give one baseline on one target
+    (written out here: the common options, then the label's, at each level)."""
+    out = {}
+    for layer in (spec.get("baseline_options") or {}, (spec.get("baseline_target_options") or {}).get(target) or {}):
+        out.update({k: v for k, v in layer.items() if k not in RECBOLE_BASELINES})
+        out.update(layer.get(label) or {})
+    return out
+
+
+def same_value(text: str, value) -> bool:
+    """A printed option's text against the config's value."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(text) == float(value)
+    return text == str(value)
+
+
+def check_baseline_lines(out: str, spec: dict) -> set:
+    """Every baseline task of a dry run: its command's pipeline options and the config's options
+    for its (target, baseline); returns the (target, baseline, seed) seen."""
+    seen = set()
+    for line in (ln for ln in out.splitlines() if re.match(r"^\s+\d+ baselines ", ln)):
+        assert " -m ant_dist.baselines " in line, line
+        o = command_options(line)
+        assert o["run_name"] == f"baselines/{o['domain']}/{o['model']}/seed{o['seed']}"
+        assert o["shards"].endswith("/shards") and o["features"].endswith("/features") and o["out"].endswith("/runs")
+        assert o["select_metric"] == spec["select_metric"]
+        expected = spec_baseline_options(spec, o["domain"], o["model"])
+        assert set(o) - BASELINE_PIPELINE_OPTIONS == set(expected), line
+        assert all(same_value(o[k], v) for k, v in expected.items()), (line, expected)
+        assert (o["domain"], o["model"], int(o["seed"])) not in seen
+        seen.add((o["domain"], o["model"], int(o["seed"])))
+    return seen
+
+
 # ----------------------------------------------------------------------------- the paper configs
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.name)
 def test_dry_run_prints_every_job_its_dependencies_and_the_array_size(path):
@@ -68,10 +114,20 @@ def test_dry_run_prints_every_job_its_dependencies_and_the_array_size(path):
     for values in grid.values():
         n_points *= len(values)
     n_relearn = len(spec["targets"]) * len(spec["methods"]) * n_points * len(spec["seeds"])
+    labels = spec.get("baselines", list(RECBOLE_BASELINES))  # the default: all five
+    n_baselines = len(spec["targets"]) * len(labels) * len(spec["seeds"])
     expected = {"fetch": (len(domains), "-"), "pack": (len(domains), "fetch"), "embed": (1, "pack"),
-                "pretrain": (1, "embed"), "relearn": (n_relearn, "pretrain"), "select": (1, "relearn"),
-                "report": (1, "select")}
+                "baselines": (n_baselines, "embed"), "pretrain": (1, "embed"), "relearn": (n_relearn, "pretrain"),
+                "select": (1, "relearn"), "report": (1, "select,baselines")}
+    if not n_baselines:
+        del expected["baselines"]
+        expected["report"] = (1, "select")
     assert table_rows(res.stdout) == expected
+    # every (target, baseline, seed) once, with the config's options for that target and baseline
+    assert check_baseline_lines(res.stdout, spec) == set(itertools.product(spec["targets"], labels, spec["seeds"]))
+    if n_baselines:
+        assert f"array 0-{n_baselines - 1} slurm/reproduce_task.sh" in res.stdout
+        assert f"<the {n_baselines} baseline runs>" in res.stdout  # the report reads them too
     assert f"array 0-{n_relearn - 1} slurm/reproduce_task.sh" in res.stdout
     # every (target, method, grid point, seed) once, with the method's mode and the grid value
     lines = [ln for ln in res.stdout.splitlines() if re.match(r"^\s+\d+ relearn ", ln)]
@@ -108,6 +164,31 @@ def test_paper_config_holds_the_papers_domains_files_and_hyper_parameters():
     assert (p["hidden"], p["n_layers"], p["n_heads"], p["tau"], p["align_weight"], p["lr"], p["batch_size"]) == \
         (256, 2, 2, 0.07, 1e-3, 1e-3, 2048)
     assert spec["relearn"]["beta"] == [0.1, 0.3, 0.5, 0.7] and spec["select_metric"] == "recall@10"
+    # Table II's RecBole baselines with Table A1's d and lr per target, batch 2,048, 50 items
+    assert spec["baselines"] == list(RECBOLE_BASELINES) == ["NPE", "SASRec", "BERT4Rec", "FDSA", "S3-Rec"]
+    assert spec["baseline_options"] == {"batch_size": 2048, "max_len": 50}
+    assert spec["baseline_target_options"] == {
+        target: {label: {"hidden": d, "lr": lr} for label, (d, lr) in zip(RECBOLE_BASELINES, row)}
+        for target, row in TABLE_A1.items()}
+
+
+def test_paper_config_plan_runs_each_baseline_with_table_a1_on_every_target_and_seed():
+    from ant_dist.config import load_config
+
+    cfg = load_config(ReproduceConfig, ROOT / "configs" / "paper" / "ant.yaml")
+    stage = next(s for s in build_plan(cfg) if s.name == "baselines")
+    assert stage.after == ["embed"] and len(stage.tasks) == 5 * 5 * 3
+    got = {}
+    for task in stage.tasks:
+        o = dict(a.split("=", 1) for a in task.argv[3:])
+        assert (o["batch_size"], o["max_len"], o["select_metric"]) == ("2048", "50", "recall@10")
+        assert task.done_files == [f"paper/runs/baselines/{o['domain']}/{o['model']}/seed{o['seed']}/metrics.json"]
+        got.setdefault(o["domain"], {}).setdefault(o["model"], set()).add((int(o["hidden"]), float(o["lr"]),
+                                                                           int(o["seed"])))
+    assert got == {t: {label: {(d, lr, s) for s in (0, 1, 2)} for label, (d, lr) in zip(RECBOLE_BASELINES, row)}
+                   for t, row in TABLE_A1.items()}
+    report = next(s for s in build_plan(cfg) if s.name == "report")
+    assert report.after == ["select", "baselines"]
 
 
 def test_targets_and_seeds_flags_shrink_the_array():
@@ -116,8 +197,19 @@ def test_targets_and_seeds_flags_shrink_the_array():
     assert res.returncode == 0, res.stderr
     rows = table_rows(res.stdout)
     assert rows["relearn"] == (2 * 5 * 4 * 1, "pretrain")
+    assert rows["baselines"] == (2 * 5 * 1, "embed")
     assert rows["fetch"][0] == 4 + 2  # the auxiliary domains and the two targets
     assert "seed=4" in res.stdout and "seed=0" not in res.stdout
+    # the other targets' options stay in the config and are not used
+    assert "domain=Scientific" not in res.stdout and "run_name=baselines/Pantry/NPE/seed4 seed=4" in res.stdout
+
+
+def test_an_empty_baselines_list_leaves_the_stage_out():
+    res = reproduce("--config", ROOT / "configs/paper/ant.yaml", "--dry-run", "baselines=[]")
+    assert res.returncode == 0, res.stderr
+    rows = table_rows(res.stdout)
+    assert "baselines" not in rows and rows["report"] == (1, "select")
+    assert " ant_dist.baselines " not in res.stdout and "baseline runs" not in res.stdout
 
 
 @pytest.mark.parametrize("override, message", [
@@ -127,10 +219,103 @@ def test_targets_and_seeds_flags_shrink_the_array():
     ("select_metric=mrr@3", "select_metric"),
     ("resources={train: {gpus: 1}}", "unknown stage 'train'"),
     ("relearn={beta: []}", "empty grid"),
+    ("baselines=[SASRec,Magic]", "baselines must be one of NPE, SASRec, BERT4Rec, FDSA, S3-Rec, got"),
+    ("baseline_options={seed: 3}", "baseline_options: 'seed' is set by the pipeline itself"),
+    ("baseline_options={NPE: {run_name: x}}", "baseline_options.NPE: 'run_name' is set by the pipeline itself"),
+    ("baseline_target_options={Office: {domain: Arts}}", "baseline_target_options.Office: 'domain' is set by the "
+                                                         "pipeline itself"),
+    ("baseline_target_options={Office: {FDSA: {models: [NPE]}}}", "'models' is set by the pipeline itself"),
+    ("baseline_options={SASrec: {hidden: 64}}", "'SASrec' is neither an option of ant_dist.baselines nor a "
+                                                "baseline label"),
+    ("baseline_options={SASRec: {hiden: 64}}", "baseline_options.SASRec: 'hiden' is not an option"),
+    ("baseline_target_options={Ofice: {NPE: {lr: 0.1}}}", "baseline_target_options: 'Ofice' is not a target"),
+    ("baseline_options={epochs: many}", "the options of baseline NPE on Scientific: epochs: Value 'many'"),
 ])
 def test_bad_config_exits_2_naming_the_problem(override, message):
     res = reproduce("--config", ROOT / "configs/paper/ant.yaml", "--dry-run", override)
     assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+# ----------------------------------------------------------------------------- the RecBole baselines
+def _baselines_cfg(work, **kw) -> ReproduceConfig:
+    base = dict(work_dir=str(work), aux_domains=["Food"], targets=["Office", "Arts"], methods=["GB", "ReL"],
+                seeds=[0, 1], files={d: {"meta": "m", "ratings": "r"} for d in ("Food", "Office", "Arts", "Pantry")},
+                baselines=["NPE", "SASRec"])
+    return ReproduceConfig(**{**base, **kw})
+
+
+def _baseline_tasks(cfg) -> dict:
+    """(target, label, seed) -> the options of its command."""
+    stage = next(s for s in build_plan(cfg) if s.name == "baselines")
+    tasks = {}
+    for task in stage.tasks:
+        assert task.argv[1:3] == ["-m", "ant_dist.baselines"]
+        o = dict(a.split("=", 1) for a in task.argv[3:])
+        tasks[o["domain"], o["model"], int(o["seed"])] = o
+    return tasks
+
+
+def test_baseline_options_layer_common_then_label_then_target_then_target_label(tmp_path):
+    cfg = _baselines_cfg(tmp_path, baseline_options={"epochs": 7, "hidden": 64, "lr": 1e-3,
+                                                     "NPE": {"hidden": 128, "dropout": 0.3}},
+                         baseline_target_options={"Arts": {"lr": 3e-3, "NPE": {"hidden": 300}},
+                                                  "Pantry": {"SASRec": {"hidden": 16}}})  # not a target here
+    tasks = _baseline_tasks(cfg)
+    assert list(tasks) == [(t, m, s) for t in ("Office", "Arts") for m in ("NPE", "SASRec") for s in (0, 1)]
+    pick = {k: {o: v[o] for o in ("hidden", "lr", "epochs", "dropout") if o in v} for k, v in tasks.items()}
+    assert pick["Office", "NPE", 0] == {"hidden": "128", "lr": "0.001", "epochs": "7", "dropout": "0.3"}
+    assert pick["Office", "SASRec", 1] == {"hidden": "64", "lr": "0.001", "epochs": "7"}
+    assert pick["Arts", "NPE", 1] == {"hidden": "300", "lr": "0.003", "epochs": "7", "dropout": "0.3"}
+    assert pick["Arts", "SASRec", 0] == {"hidden": "64", "lr": "0.003", "epochs": "7"}
+    o = tasks["Arts", "SASRec", 1]
+    assert (o["shards"], o["features"], o["out"]) == (f"{tmp_path}/shards", f"{tmp_path}/features", f"{tmp_path}/runs")
+    assert (o["run_name"], o["seed"], o["select_metric"]) == ("baselines/Arts/SASRec/seed1", "1", "recall@10")
+    stages = {s.name: s for s in build_plan(cfg)}
+    assert [s for s in stages] == ["fetch", "pack", "embed", "baselines", "pretrain", "relearn", "select", "report"]
+    assert stages["baselines"].after == ["embed"] and stages["report"].after == ["select", "baselines"]
+    assert stages["baselines"].tasks[0].done_files == [f"{tmp_path}/runs/baselines/Office/NPE/seed0/metrics.json"]
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"baselines": ["SASRec", "GRU4Rec"]}, "baselines: unknown baseline(s) ['GRU4Rec']"),
+    ({"baseline_options": {"out": "elsewhere"}}, "baseline_options: 'out' is set by the pipeline itself"),
+    ({"baseline_options": {"SASRec": {"select_metric": "ndcg@10"}}}, "'select_metric' is set by the pipeline"),
+    ({"baseline_target_options": {"Arts": {"NPE": {"seed": 3}}}}, "baseline_target_options.Arts.NPE: 'seed' is set"),
+    ({"baseline_target_options": {"Arts": {"model": "NPE"}}}, "'model' is set by the pipeline itself"),
+    ({"baseline_options": {"GRU4Rec": {"hidden": 64}}}, "'GRU4Rec' is neither an option of ant_dist.baselines"),
+    ({"baseline_target_options": {"Arts": {"NPE": {"hidden": "wide"}}}}, "the options of baseline NPE on Arts: hidden"),
+])
+def test_a_config_built_in_code_is_refused_the_same_way(tmp_path, kw, message):
+    with pytest.raises(ConfigError) as err:
+        build_plan(_baselines_cfg(tmp_path, **kw))
+    assert message in str(err.value)
+
+
+def _fake_baseline(work: Path, target, label, seed, **config):
+    run = work / "runs" / "baselines" / target / label / f"seed{seed}"
+    run.mkdir(parents=True)
+    recorded = {"domain": target, "seed": seed, "select_metric": "recall@10", "hidden": 64, "lr": 1e-3, **config}
+    (run / "metrics.json").write_text(json.dumps({"method": label, "seed": seed, "config": recorded,
+                                                  "test": {target: {"mean": {"recall@10": 0.1}}}}))
+    return str(run)
+
+
+def test_report_inputs_are_the_selected_runs_and_every_baseline_run_as_planned(tmp_path):
+    cfg = _baselines_cfg(tmp_path, targets=["Office"], seeds=[0, 1],
+                         baseline_target_options={"Office": {"SASRec": {"hidden": 300, "lr": 3e-4}}})
+    selection = {"groups": [{"selected": {"run_dir": "relearn/a"}}, {"selected": {"run_dir": "relearn/b"}}]}
+    made = [_fake_baseline(tmp_path, "Office", "NPE", s) for s in (0, 1)]
+    made.append(_fake_baseline(tmp_path, "Office", "SASRec", 0, hidden=300, lr=3e-4))
+    with pytest.raises(ConfigError, match=r"1 baseline run\(s\) have no metrics.json yet, e.g. .*SASRec/seed1"):
+        report_inputs(cfg, selection)
+    made.append(_fake_baseline(tmp_path, "Office", "SASRec", 1, hidden=300, lr=3e-4))
+    assert report_inputs(cfg, selection) == ["relearn/a", "relearn/b", *made]
+    # a run left by other options (here: the common lr instead of SASRec's on Office) is refused
+    cfg.baseline_target_options = {"Office": {"SASRec": {"hidden": 300}}}
+    with pytest.raises(ConfigError, match=r"SASRec/seed0/metrics.json: was run with lr=0.0003, the plan says 0.001"):
+        report_inputs(cfg, selection)
+    cfg.baselines = []  # no baselines: the selected runs only
+    assert report_inputs(cfg, selection) == ["relearn/a", "relearn/b"]
 
 
 def test_grid_points_expand_list_options_in_order_and_keep_list_typed_options():
@@ -251,8 +436,10 @@ def test_emit_slurm_writes_the_stage_table_and_the_distributed_stages_arguments(
     rows = [ln.split("\t") for ln in (tmp_path / "plan" / "stages.tsv").read_text().splitlines()]
     assert [(r[0], r[1], int(r[2]), r[3], r[4]) for r in rows] == [
         ("fetch", "task", 9, "-", "0"), ("pack", "task", 9, "fetch", "0"), ("embed", "embed", 1, "pack", "0"),
-        ("pretrain", "pretrain", 1, "embed", "0"), ("relearn", "task", 5 * 5 * 4, "pretrain", "0"),
-        ("select", "task", 1, "relearn", "0"), ("report", "task", 1, "select", "0")]
+        ("baselines", "task", 5 * 5, "embed", "0"), ("pretrain", "pretrain", 1, "embed", "0"),
+        ("relearn", "task", 5 * 5 * 4, "pretrain", "0"), ("select", "task", 1, "relearn", "0"),
+        ("report", "task", 1, "select,baselines", "0")]
+    assert rows[3][5:] == ["1", "1", "1", "8", "32G", "04:00:00", "-"]  # resources.baselines: one GPU per run
     pretrain_args = (tmp_path / "plan" / "pretrain.args").read_text().splitlines()
     assert "domains=[Food,Movies,Home,Clothing]" in pretrain_args and "loss=exact" in pretrain_args
     assert (tmp_path / "plan" / "pretrain.config").read_text().strip().endswith("configs/pretrain.yaml")
@@ -263,8 +450,13 @@ def test_emit_slurm_writes_the_stage_table_and_the_distributed_stages_arguments(
 def test_ablations_config_differs_from_the_main_one_only_in_its_methods_and_report():
     main = yaml.safe_load((ROOT / "configs" / "paper" / "ant.yaml").read_text())
     ablations = yaml.safe_load((ROOT / "configs" / "paper" / "ablations.yaml").read_text())
-    own = {"methods", "method_options", "report_dir"}
-    assert {k: v for k, v in ablations.items() if k not in own} == {k: v for k, v in main.items() if k not in own}
+    own = {"methods", "method_options", "report_dir", "baselines", "baseline_options", "baseline_target_options"}
+
+    def shared(spec):  # the baselines (Table II) are the main config's: their options and resources too
+        return {k: {s: r for s, r in v.items() if s != "baselines"} if k == "resources" else v
+                for k, v in spec.items() if k not in own}
+
+    assert shared(ablations) == shared(main)
     assert ablations["methods"][0] == "ReL" and ablations["work_dir"] == main["work_dir"]
 
 
@@ -336,6 +528,11 @@ def tiny(tmp_path_factory, request):
             "relearn": {"beta": [0.1, 0.7], "batch_size": 64, "max_epochs": 2, "min_epochs": 1, "patience_steps": 0,
                         "tracker": "none", "progress": False},
             "methods": ["GB", "FT", "ReL"], "seeds": [0], "alpha": 0.1,
+            # one RecBole baseline, tiny: its run joins Table II of the report beside ANT (ReL)
+            "baselines": ["SASRec"],
+            "baseline_options": {"epochs": 1, "max_len": 10, "batch_size": 64, "s3rec_pretrain_epochs": 1,
+                                 "tracker": "none", "progress": False, "device": "cpu", "SASRec": {"hidden": 32}},
+            "baseline_target_options": {"Office": {"SASRec": {"hidden": 16, "lr": 0.003}}},
         }
         path = work.parent / f"{work.name}.yaml"
         path.write_text(yaml.safe_dump(spec))
@@ -346,7 +543,8 @@ def tiny(tmp_path_factory, request):
 
 def check_reproduction(work: Path) -> dict:
     """The report holds the GB / FT / ReL table of the target, built from exactly the runs that won on
-    validation (checked here against every metrics.json), and nothing else."""
+    validation (checked here against every metrics.json) and the baseline's run, and nothing else;
+    Table II shows the baseline beside ANT (ReL)."""
     selection = json.loads((work / "report" / "selection.json").read_text())
     metric = selection["select_metric"]
     winners = {}
@@ -356,12 +554,22 @@ def check_reproduction(work: Path) -> dict:
         values = [json.loads(r.read_text())["valid"]["Office"]["mean"][metric] for r in runs]
         winners[method] = str(runs[1 if values[1] > values[0] else 0].parent)
     assert {g["method"]: g["selected"]["run_dir"] for g in selection["groups"]} == winners
+    baseline = work / "runs" / "baselines" / "Office" / "SASRec" / "seed0"
+    recorded = json.loads((baseline / "metrics.json").read_text())
+    assert recorded["method"] == "SASRec" and recorded["seed"] == 0
+    assert {k: recorded["config"][k] for k in ("hidden", "lr", "epochs", "max_len", "batch_size")} == \
+        {"hidden": 16, "lr": 0.003, "epochs": 1, "max_len": 10, "batch_size": 64}  # Office's SASRec options won
     report = json.loads((work / "report" / "report.json").read_text())
-    assert sorted(str(Path(r["path"]).parent) for r in report["runs"]) == sorted(winners.values())
+    assert sorted(str(Path(r["path"]).parent) for r in report["runs"]) == sorted([*winners.values(), str(baseline)])
     table = next(t for t in report["tables"] if t["domain"] == "Office")
-    assert sorted(r["method"] for r in table["rows"]) == ["FT", "GB", "ReL"]
+    assert sorted(r["method"] for r in table["rows"]) == ["FT", "GB", "ReL", "SASRec"]
+    table2 = report["table2"]
+    assert table2["methods"] == ["SASRec", "ReL"] and table2["domains"] == ["Office"]
+    row = next(r for r in table2["rows"] if r["method"] == "SASRec")
+    assert row["domains"]["Office"]["mean"]["recall@10"] == \
+        pytest.approx(recorded["test"]["Office"]["mean"]["recall@10"])
     text = (work / "report" / "report.md").read_text()
-    for method in ("GB", "FT", "ReL"):
+    for method in ("GB", "FT", "ReL", "SASRec"):
         assert re.search(rf"^\| {method} \|", text, re.M), text[:2000]
     assert any(nt["domain"] == "Office" for nt in report["negative_transfer"])
     return selection
@@ -383,14 +591,14 @@ def test_tiny_reproduction_on_one_machine_runs_the_chain_and_reruns_nothing(tiny
     timings = [json.loads(ln) for ln in (work / "timings.jsonl").read_text().splitlines()]
     assert {t["stage"] for t in timings} == set(CHAIN) and all(t["exit"] == 0 for t in timings)
     # a rerun of the expensive stages finds every output and runs nothing
-    again = reproduce("--config", config, "--stages", "fetch,pack,embed,pretrain,relearn")
+    again = reproduce("--config", config, "--stages", "fetch,pack,embed,baselines,pretrain,relearn")
     assert again.returncode == 0, again.stderr
-    assert "$ " not in again.stdout and again.stdout.count("done already") == 3 + 3 + 1 + 1 + 6
+    assert "$ " not in again.stdout and again.stdout.count("done already") == 3 + 3 + 1 + 1 + 1 + 6
 
 
 def _stage_times(jobs: dict) -> dict:
     """Per stage: seconds from its first task's start to its last task's end, and the wait before it
-    (from the previous stage's end), from Slurm's own records (scontrol: whole seconds)."""
+    (from the end of the last stage it depends on), from Slurm's own records (scontrol: whole seconds)."""
     from datetime import datetime
 
     spans = {}
@@ -401,11 +609,11 @@ def _stage_times(jobs: dict) -> dict:
         ends = [datetime.fromisoformat(r["EndTime"]) for r in records if r.get("EndTime", "-")[0].isdigit()]
         if starts and ends:
             spans[stage] = (min(starts), max(ends), len(records))
-    figures, previous = {}, None
+    figures = {}
     for stage, (start, end, n) in spans.items():
+        ends = [spans[u][1] for u in CHAIN.get(stage, "-").split(",") if u in spans]
         figures[stage] = {"jobs": n, "wall_s": (end - start).total_seconds(),
-                          "waited_s": (start - previous).total_seconds() if previous else None}
-        previous = end
+                          "waited_s": (start - max(ends)).total_seconds() if ends else None}
     return figures
 
 
@@ -437,8 +645,10 @@ def test_tiny_reproduction_through_slurm_submits_the_chain_and_reports_the_selec
             states = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
             assert "JobState=COMPLETED" in states and "JobState=FAILED" not in states, stage
         # as submitted: each stage after the previous one (afterok), the re-learning runs as one array
-        after = dict(re.findall(r"^(\w+): job \d+ \(\d+ task\(s\)(?:, after (\d+))?", res.stdout, re.M))
-        assert after == {stage: jobs.get(up, "") for stage, up in CHAIN.items()}, res.stdout
+        after = {stage: set(ids.split()) for stage, ids in
+                 re.findall(r"^(\w+): job \d+ \(\d+ task\(s\)(?:, after ([\d ]+))?\)", res.stdout, re.M)}
+        assert after == {stage: {jobs[u] for u in ups.split(",") if u in jobs} for stage, ups in CHAIN.items()}, \
+            res.stdout
         relearn = subprocess.run(["scontrol", "-o", "show", "job", jobs["relearn"]], capture_output=True, text=True)
         assert relearn.stdout.count("ArrayTaskId=") == 6, relearn.stdout
         check_reproduction(tmp_path / "slurm")

@@ -1,5 +1,6 @@
 """The paper reproduction as data: its config (`ReproduceConfig`), the plan built from it (stages
-of tasks with dependencies and resources), the hyper-parameter grid, and model selection.
+of tasks with dependencies and resources), the hyper-parameter grid, model selection, and the
+RecBole baselines' options and the report's inputs.
 
 `python -m ant_dist.reproduce` (ant_dist/reproduce.py) prints the plan, runs it on one machine,
 or hands it to `slurm/reproduce_paper.sh`; both executors run the very commands built here.
@@ -16,13 +17,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ant_dist.config import ConfigError, RelearnConfig, ReproduceConfig
-from ant_dist.methods import METHODS, method_options
+from ant_dist.config import BaselinesConfig, ConfigError, RelearnConfig, ReproduceConfig, load_config
+from ant_dist.methods import METHODS, RECBOLE_BASELINES, method_options
 from ant_dist.runtime.atomic import atomic_path
 
 REPO = Path(__file__).resolve().parents[2]  # ant_dist/pipeline/plan.py -> the repository
 
-STAGES = ("fetch", "pack", "embed", "pretrain", "relearn", "select", "report")
+STAGES = ("fetch", "pack", "embed", "baselines", "pretrain", "relearn", "select", "report")
 RESOURCE_KEYS = ("nodes", "gpus", "processes", "cpus", "mem", "time", "partition", "est_hours", "est_disk_gb")
 # Small defaults: a config for a real cluster sets its own (configs/paper/ant.yaml).
 DEFAULT_RESOURCES = {s: {"nodes": 1, "gpus": 0, "processes": 1, "cpus": 1, "mem": "", "time": "", "partition": "",
@@ -33,7 +34,13 @@ RESERVED = {"fetch_options": {"format", "meta", "images"},
             "embed": {"shards", "out", "domains"},
             "pretrain": {"shards", "features", "out", "run_name", "domains"},
             "relearn": {"shards", "features", "out", "run_name", "domain", "domains", "pretrained", "seed",
-                        "select_metric", "mode", "item_repr"}}
+                        "select_metric", "mode", "item_repr"},
+            "baselines": {"domain", "shards", "features", "out", "run_name", "seed", "select_metric", "model",
+                          "models"}}
+BASELINE_FIELDS = {f.name for f in dataclasses.fields(BaselinesConfig)}
+# options of a baseline run that do not change its results (paths, where and how it logs)
+BASELINE_NOT_RESULTS = {"shards", "features", "out", "run_name", "models", "device", "progress", "tracker",
+                        "wandb_project", "eval_batch"}
 LIST_FIELDS = {f.name for f in dataclasses.fields(RelearnConfig) if f.type in (list, "list")}
 
 
@@ -92,6 +99,7 @@ def check_config(cfg: ReproduceConfig) -> None:
         raise ConfigError(f"fetch_min_ratings must be between 0 and pack's min_core ({min_core}): an item with "
                           f"fewer ratings than min_core never reaches the shards, one with more may")
     grid_axes(cfg.relearn)  # raises on an empty axis
+    check_baselines(cfg)
 
 
 def all_domains(cfg: ReproduceConfig) -> list:
@@ -172,6 +180,121 @@ def relearn_runs(cfg: ReproduceConfig) -> list:
     return runs
 
 
+# ----------------------------------------------------------------------------- the RecBole baselines
+def _check_baseline_option(where: str, key, in_label: bool) -> None:
+    if key in RESERVED["baselines"]:
+        raise ConfigError(f"{where}: {key!r} is set by the pipeline itself (from targets, baselines, seeds, "
+                          f"select_metric, work_dir); remove it")
+    if key not in BASELINE_FIELDS and in_label:
+        raise ConfigError(f"{where}: {key!r} is not an option of ant_dist.baselines (python -m ant_dist.baselines "
+                          f"--help lists them)")
+    if key not in BASELINE_FIELDS:
+        raise ConfigError(f"{where}: {key!r} is neither an option of ant_dist.baselines nor a baseline label "
+                          f"({', '.join(RECBOLE_BASELINES)})")
+
+
+def _baseline_layer(where: str, options) -> tuple[dict, dict]:
+    """One level of baseline options ({option: value, label: {option: value}}): (its options for
+    every baseline, {label: that baseline's own})."""
+    if options is None:
+        return {}, {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}: a mapping of ant_dist.baselines options and baseline labels, got {options!r}")
+    common, per_label = {}, {}
+    for key, value in options.items():
+        if key in RECBOLE_BASELINES:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key}: a mapping of ant_dist.baselines options, e.g. "
+                                  f"{{hidden: 128, lr: 1e-3}}, got {value!r}")
+            for k in value:
+                _check_baseline_option(f"{where}.{key}", k, in_label=True)
+            per_label[key] = dict(value)
+        else:
+            _check_baseline_option(where, key, in_label=False)
+            common[key] = value
+    return common, per_label
+
+
+def baseline_options(cfg: ReproduceConfig, target: str, label: str) -> dict:
+    """One baseline's options on one target, each layer over the one before: baseline_options, its
+    label's entry there, baseline_target_options.<target>, and the label's entry there."""
+    common, per_label = _baseline_layer("baseline_options", cfg.baseline_options)
+    t_common, t_label = _baseline_layer(f"baseline_target_options.{target}",
+                                        cfg.baseline_target_options.get(target))
+    return {**common, **per_label.get(label, {}), **t_common, **t_label.get(label, {})}
+
+
+def _baseline_config(run: dict, select_metric: str) -> BaselinesConfig:
+    """The run's options as `python -m ant_dist.baselines` parses them (a wrong type fails here)."""
+    try:
+        return load_config(BaselinesConfig, None, [f"model={run['label']}", f"domain={run['target']}",
+                                                   f"seed={run['seed']}", f"select_metric={select_metric}",
+                                                   *overrides(run["options"])])
+    except ConfigError as exc:
+        raise ConfigError(f"the options of baseline {run['label']} on {run['target']}: {exc}") from None
+
+
+def check_baselines(cfg: ReproduceConfig) -> None:
+    bad = [b for b in cfg.baselines if b not in RECBOLE_BASELINES]
+    if bad:
+        raise ConfigError(f"baselines: unknown baseline(s) {bad}; choose from {list(RECBOLE_BASELINES)} "
+                          f"(an empty list runs none)")
+    _baseline_layer("baseline_options", cfg.baseline_options)
+    known = set(all_domains(cfg)) | set(cfg.files)  # a config narrowed by --targets keeps the others' options
+    for target, options in cfg.baseline_target_options.items():
+        if target not in known:
+            raise ConfigError(f"baseline_target_options: {target!r} is not a target ({', '.join(cfg.targets)}) "
+                              f"nor a domain of `files`")
+        _baseline_layer(f"baseline_target_options.{target}", options)
+    for run in baseline_runs(cfg, seeds=cfg.seeds[:1]):  # the options do not depend on the seed
+        _baseline_config(run, cfg.select_metric)
+
+
+def baseline_runs(cfg: ReproduceConfig, seeds=None) -> list:
+    """One entry per baseline run: target x baseline x seed, in that order (the seeds of the
+    re-learning runs: the report pairs a baseline's users with ANT's per seed)."""
+    runs = []
+    for target, label in itertools.product(cfg.targets, dict.fromkeys(cfg.baselines)):
+        options = baseline_options(cfg, target, label)
+        for seed in cfg.seeds if seeds is None else seeds:
+            runs.append({"target": target, "label": label, "seed": seed, "options": options,
+                         "run_name": f"baselines/{target}/{slug(label)}/seed{seed}"})
+    return runs
+
+
+def baselines_note(cfg: ReproduceConfig) -> str:
+    labels = list(dict.fromkeys(cfg.baselines))
+    n = len(cfg.targets) * len(labels) * len(cfg.seeds)
+    return (f"{len(cfg.targets)} target(s) x {len(labels)} baseline(s) ({', '.join(labels)}) x {len(cfg.seeds)} "
+            f"seed(s) = {n} runs; they need the shards and the feature tables, not the pre-trained model")
+
+
+def report_inputs(cfg: ReproduceConfig, selection: dict) -> list:
+    """The run folders `ant_dist.report` reads: the re-learning runs chosen in `selection`, then
+    every baseline run of the plan, each finished and run with the options the plan gives it now
+    (every option its metrics.json records that bears on the results)."""
+    dirs = [g["selected"]["run_dir"] for g in selection["groups"]]
+    runs_root = layout(cfg)["runs"]
+    missing = []
+    for run in baseline_runs(cfg):
+        where = runs_root / run["run_name"] / "metrics.json"
+        if not where.is_file():
+            missing.append(str(where))
+            continue
+        metrics = json.loads(where.read_text())
+        recorded = {**metrics.get("config", {}), "model": metrics.get("method")}
+        expected = _baseline_config(run, cfg.select_metric)
+        for key in sorted(set(recorded) & BASELINE_FIELDS - BASELINE_NOT_RESULTS):
+            if recorded[key] != getattr(expected, key):
+                raise ConfigError(f"{where}: was run with {key}={recorded[key]!r}, the plan says "
+                                  f"{getattr(expected, key)!r} (a stale run folder? remove it and rerun the "
+                                  f"baselines stage)")
+        dirs.append(str(where.parent))
+    if missing:
+        raise ConfigError(f"{len(missing)} baseline run(s) have no metrics.json yet, e.g. {missing[0]}")
+    return dirs
+
+
 def build_plan(cfg: ReproduceConfig) -> list:
     """The stages, in dependency order. Paths are as configured (relative to the working directory)."""
     check_config(cfg)
@@ -211,6 +334,17 @@ def build_plan(cfg: ReproduceConfig) -> list:
             f"out={paths['features']}", f"domains={format_value(domains)}", *overrides(cfg.embed)]
     stages.append(Stage("embed", [Task("embed", argv, done_tables=[str(paths["features"] / d) for d in domains])],
                         ["pack"], resources(cfg, "embed"), launch="embed"))
+    if cfg.baselines:
+        tasks = []
+        for run in baseline_runs(cfg):
+            argv = [py, "-m", "ant_dist.baselines", f"model={run['label']}", f"domain={run['target']}",
+                    f"shards={paths['shards']}", f"features={paths['features']}", f"out={paths['runs']}",
+                    f"run_name={run['run_name']}", f"seed={run['seed']}", f"select_metric={cfg.select_metric}",
+                    *overrides(run["options"])]
+            tasks.append(Task(f"baselines {run['target']} {run['label']} seed {run['seed']}", argv,
+                              done_files=[f"{paths['runs']}/{run['run_name']}/metrics.json"],
+                              info={**run, "run_dir": str(paths["runs"] / run["run_name"])}))
+        stages.append(Stage("baselines", tasks, ["embed"], resources(cfg, "baselines"), note=baselines_note(cfg)))
     argv = [py, "-m", "ant_dist.pretrain", "--config", _path(cfg.pretrain_config, REPO), f"shards={paths['shards']}",
             f"features={paths['features']}", f"out={paths['runs']}", "run_name=pretrain",
             f"domains={format_value(list(cfg.aux_domains))}", *overrides(cfg.pretrain)]
@@ -235,9 +369,15 @@ def build_plan(cfg: ReproduceConfig) -> list:
     stages.append(Stage("select", [Task("select", [], action="select")], ["relearn"], resources(cfg, "select"),
                         note=f"per target x method x seed, the grid point with the best validation "
                              f"{cfg.select_metric} (ties: the earlier point) -> {paths['selection']}"))
-    report_argv = [py, "-m", "ant_dist.report", "<the runs selected in selection.json>", "--out", str(paths["report"]),
+    n_baselines = len(baseline_runs(cfg))
+    report_argv = [py, "-m", "ant_dist.report", "<the runs selected in selection.json>",
+                   *([f"<the {n_baselines} baseline runs>"] if n_baselines else []), "--out", str(paths["report"]),
                    "--alpha", str(cfg.alpha), *(["--metrics", cfg.report_metrics] if cfg.report_metrics else [])]
-    stages.append(Stage("report", [Task("report", report_argv, action="report")], ["select"], resources(cfg, "report")))
+    stages.append(Stage("report", [Task("report", report_argv, action="report")],
+                        ["select", "baselines"] if n_baselines else ["select"], resources(cfg, "report"),
+                        note=f"the runs selected in {paths['selection']}" + (
+                            f" and the baseline runs ({paths['runs'] / 'baselines'}/<target>/<baseline>/seed<S>)"
+                            if n_baselines else "")))
     return stages
 
 

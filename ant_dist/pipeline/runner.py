@@ -1,5 +1,6 @@
-"""The paper's experiments as one pipeline: fetch images, pack, embed, pre-train, re-learn every
-target x method x grid point x seed, select on validation, report.
+"""The paper's experiments as one pipeline: fetch images, pack, embed, train RecBole's baselines on
+every target x baseline x seed (beside pre-training: they need the features, not the pre-trained
+model), pre-train, re-learn every target x method x grid point x seed, select on validation, report.
 
     python -m ant_dist.reproduce --config configs/paper/ant.yaml --dry-run      (the plan, its estimate)
     python -m ant_dist.reproduce --config configs/paper/ant.yaml [--targets Scientific,Office] [--seeds 0]
@@ -13,8 +14,9 @@ resource estimate; run nothing), --targets A,B and --seeds 0,1 (override the con
 (key=value, see below). The stages run in order on this machine; a task whose output exists is
 skipped, so a rerun continues where the last one stopped (remove an output folder to redo it).
 Selection: per (target, method, seed), the grid point (`relearn` options given as lists, e.g.
-beta: [0.1, 0.3, 0.5, 0.7]) with the best validation `select_metric`; only those runs are passed
-to `python -m ant_dist.report`. Every stage's timing is appended to <work_dir>/timings.jsonl.
+beta: [0.1, 0.3, 0.5, 0.7]) with the best validation `select_metric`; only those runs, and every
+baseline run (`baselines`, with `baseline_options` and per target `baseline_target_options`), are
+passed to `python -m ant_dist.report`. Every stage's timing is appended to <work_dir>/timings.jsonl.
 Exit codes: 0 done, 2 bad configuration, otherwise the exit code of the failed command.
 docs/reproduce.md has the data sources, the disk and time per stage, and the expected results.
 """
@@ -39,7 +41,7 @@ from omegaconf import OmegaConf
 from ant_dist.config import ConfigError, ReproduceConfig, parse_cli
 from ant_dist.features.feature_table import MANIFEST
 from ant_dist.pipeline.launcher import launch_command
-from ant_dist.pipeline.plan import Stage, Task, build_plan, layout, select_runs, write_rated_meta
+from ant_dist.pipeline.plan import Stage, Task, build_plan, layout, report_inputs, select_runs, write_rated_meta
 from ant_dist.runtime.exit_codes import EXIT_BAD_INPUT, EXIT_OK
 from ant_dist.runtime.processes import die_with_parent
 
@@ -105,9 +107,10 @@ def show_argv(argv: list) -> str:
 def print_plan(cfg: ReproduceConfig, stages: list, config_name: str) -> None:
     n_jobs = sum(len(s.tasks) for s in stages)
     print(f"plan for {config_name}: {len(stages)} stages, {n_jobs} jobs, working folder {cfg.work_dir}")
-    print(f"{'stage':9s} {'jobs':>5s}  {'after':9s} {'slurm job':37s} {'resources per job':34s} "
+    print(f"{'stage':9s} {'jobs':>5s}  {'after':16s} {'slurm job':37s} {'resources per job':34s} "
           f"{'est. h/job':>10s} {'GPU-h':>8s} {'disk GB':>8s}")
-    gpu_h = path_h = disk = 0.0
+    gpu_h = disk = 0.0
+    finish: dict = {}  # per stage: hours from the start until it ends, all of an array's jobs at once
     for s in stages:
         r = s.resources
         kind = f"slurm/{s.launch}.sh" if s.launch else "slurm/reproduce_task.sh"
@@ -115,11 +118,15 @@ def print_plan(cfg: ReproduceConfig, stages: list, config_name: str) -> None:
         res = f"{r['nodes']} node(s) x {r['gpus']} GPU, {r['cpus']} CPU" + (f", {r['mem']}" if r["mem"] else "")
         stage_gpu_h = len(s.tasks) * float(r["est_hours"]) * r["nodes"] * r["gpus"]
         gpu_h += stage_gpu_h
-        path_h += float(r["est_hours"])  # array tasks all at once: the chain's critical path
+        finish[s.name] = float(r["est_hours"]) + max((finish.get(a, 0.0) for a in s.after), default=0.0)
         disk += float(r["est_disk_gb"])
-        print(f"{s.name:9s} {len(s.tasks):5d}  {','.join(s.after) or '-':9s} {shape + ' ' + kind:37s} {res:34s} "
+        print(f"{s.name:9s} {len(s.tasks):5d}  {','.join(s.after) or '-':16s} {shape + ' ' + kind:37s} {res:34s} "
               f"{float(r['est_hours']):10.2f} {stage_gpu_h:8.1f} {float(r['est_disk_gb']):8.1f}")
-    print(f"relearn array: {next(s.note for s in stages if s.name == 'relearn')}")
+    path_h = max(finish.values(), default=0.0)  # the longest chain of dependencies
+    for name in ("baselines", "relearn"):
+        note = next((s.note for s in stages if s.name == name), None)
+        if note:
+            print(f"{name} array: {note}")
     print(f"estimate (the config's resources.*.est_hours and est_disk_gb: extrapolations, docs/reproduce.md): "
           f"at most {gpu_h:.0f} GPU-hours (every job of an array as long as its longest), {path_h:.1f} h end to end "
           f"when all of an array's jobs run at once, {disk:.0f} GB of disk")
@@ -241,7 +248,11 @@ def run_internal(cfg: ReproduceConfig, name: str) -> int:
     from ant_dist.eval.report import main as report_main
 
     selection = json.loads(paths["selection"].read_text())
-    args = [g["selected"]["run_dir"] for g in selection["groups"]]
+    try:  # the selected re-learning runs and every baseline run
+        args = report_inputs(cfg, selection)
+    except ConfigError as exc:
+        print(f"{PROG}: report: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     args += ["--out", str(paths["report"]), "--alpha", str(cfg.alpha)]
     if cfg.report_metrics:
         args += ["--metrics", cfg.report_metrics]
