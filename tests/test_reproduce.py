@@ -458,6 +458,8 @@ def test_ablations_config_differs_from_the_main_one_only_in_its_methods_and_repo
 
     assert shared(ablations) == shared(main)
     assert ablations["methods"][0] == "ReL" and ablations["work_dir"] == main["work_dir"]
+    # no baselines: the main config's runs of them, in the same work_dir, stay its own
+    assert ablations["baselines"] == [] and main["baselines"]
 
 
 # ----------------------------------------------------------------------------- a tiny reproduction
