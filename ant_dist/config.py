@@ -49,6 +49,9 @@ class SynthConfig:
                                      "price level, in target domains only, are those of a different style; "
                                      "0 = every domain renders a style alike, 1 = an aux-trained item model "
                                      "misleads on targets (the sequential dynamics stay shared)")
+    target_render_merge: float = opt(0.0, "in [0, 1]: fraction of styles (chosen by the seed) merged in pairs "
+                                     "that, in target domains only, show one look and price level: 1 = an "
+                                     "aux-trained item model is confidently wrong on half the target styles")
     images: bool = opt(True, "draw item images (turn off at paper scale to save disk)")
     image_size: int = opt(64, "side of the square item images, pixels")
     missing_image_frac: float = opt(0.08, "fraction of items without an image")

@@ -101,11 +101,12 @@ def world_at(tmp_path_factory, world):
     """world_at(shift): the fixture world's config, synthesised with that target_render_shift."""
     cache = {0.0: world}
 
-    def get(shift: float):
-        if shift not in cache:
-            out = tmp_path_factory.mktemp(f"shift{shift}")
-            cache[shift] = out, synthesize(_cfg(out, target_render_shift=shift))
-        return cache[shift]
+    def get(shift: float, merge: float = 0.0):
+        key = shift if merge == 0.0 else (shift, merge)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"shift{shift}-merge{merge}")
+            cache[key] = out, synthesize(_cfg(out, target_render_shift=shift, target_render_merge=merge))
+        return cache[key]
     return get
 
 
@@ -195,4 +196,43 @@ def test_render_shift_out_of_range_is_refused_before_writing(tmp_path, shift):
     out = tmp_path / "never"
     with pytest.raises(ValueError, match="target_render_shift"):
         synthesize(_cfg(out, target_render_shift=shift))
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- target_render_merge
+def test_render_merge_shows_two_styles_alike_and_the_aux_model_names_one(world_at):
+    """At merge 1 the 24 styles form 12 pairs sharing one look; from the pixels, an aux-trained
+    image->style map calls both styles of a pair by the first one's name, so it is confidently
+    wrong on the other: right on about half the target styles, not at chance."""
+    out, manifest = world_at(0.0, merge=1.0)
+    saved = json.loads((out / "synth_manifest.json").read_text())
+    assert saved["target_render_merge"] == 1.0
+    looks = np.array(saved["target_looks"])
+    assert sorted(np.bincount(looks, minlength=24)) == [0] * 12 + [2] * 12  # 12 looks, each shown by 2 styles
+    assert set(looks) <= set(range(24)) and (looks == np.arange(24)).sum() == 12  # the first of each pair keeps its own
+    pred, truth = _aux_trained_predictions(out, manifest, _image_descriptors)
+    seen_as = {s: np.bincount(pred[truth == s], minlength=24).argmax() for s in np.unique(truth)}
+    assert sum(seen_as[s] == looks[s] for s in seen_as) >= 0.9 * len(seen_as)  # each looks as recorded
+    wrong = sum(seen_as[s] != s for s in seen_as)
+    assert abs(wrong - 0.5 * len(seen_as)) <= 0.1 * len(seen_as)  # the second style of every pair
+
+
+def test_render_merge_half_is_a_subset_and_combines_with_shift(world_at):
+    from ant_dist.data.synth import merged_looks, target_looks
+    ident = np.arange(24)
+    half, full = merged_looks(0, 24, 0.5, ident), merged_looks(0, 24, 1.0, ident)
+    assert (half != ident).sum() == 6 and all(full[s] == half[s] for s in np.flatnonzero(half != ident))
+    odd = merged_looks(0, 24, 3 / 24, ident)  # 3 styles: a pair plus one joining it
+    assert (odd != ident).sum() == 2 and len(set(odd[odd != ident])) == 1
+    shifted = target_looks(0, 24, 1.0)
+    both = merged_looks(0, 24, 1.0, shifted)
+    assert np.array_equal(both, shifted[full])  # merging acts on the looks the shift gave
+    assert merged_looks(0, 24, 0.0, shifted) is shifted  # merge 0: no change, no random draw
+
+
+@pytest.mark.parametrize("merge", [-0.1, 1.5])
+def test_render_merge_out_of_range_is_refused_before_writing(tmp_path, merge):
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match="target_render_merge"):
+        synthesize(_cfg(out, target_render_merge=merge))
     assert not out.exists()

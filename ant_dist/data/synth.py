@@ -15,6 +15,9 @@ The world (all knobs in `SynthConfig`, documented in docs/synthetic.md):
 - `target_render_shift` (0 by default) makes a fraction of the styles look and cost like a
   *different* style in the target domains only, so an item model learned on the auxiliary
   domains misleads there, while the shared dynamics still let a user model transfer.
+- `target_render_merge` (0 by default) makes a fraction of the styles, in pairs, look and cost
+  *alike* in the target domains only: two styles the auxiliary domains keep apart show one look,
+  so an item model learned there is confidently wrong about one style of every pair.
 Everything is a pure function of the seed.
 """
 
@@ -94,6 +97,24 @@ def target_looks(seed: int, n_styles: int, shift: float) -> np.ndarray:
     chosen = order[:k]
     looks[chosen] = np.roll(chosen, -1) if k >= 2 else order[1]
     return looks
+
+
+def merged_looks(seed: int, n_styles: int, merge: float, looks: np.ndarray) -> np.ndarray:
+    """`looks` with round(merge * n_styles) styles, chosen by the seed, merged in pairs: the second
+    style of each pair shows the first one's look (with an odd count, the last style joins the
+    last pair). The set grows with `merge` (a prefix of one seeded order, paired in that order)."""
+    if not 0.0 <= merge <= 1.0:
+        raise ValueError(f"target_render_merge must be in [0, 1], got {merge}")
+    k = int(np.floor(merge * n_styles + 0.5))
+    if k < 2:
+        return looks  # no rng drawn: the world stays byte-identical to the unmerged one
+    order = np.random.default_rng([seed, 130363]).permutation(n_styles)[:k]
+    out = looks.copy()
+    for i in range(0, k - 1, 2):
+        out[order[i + 1]] = looks[order[i]]
+    if k % 2:
+        out[order[k - 1]] = looks[order[k - 3]]
+    return out
 
 
 def restyled_world(world: dict, looks: np.ndarray) -> dict:
@@ -256,13 +277,15 @@ def synthesize(cfg: SynthConfig) -> dict:
     if len(set(n for n, _ in names)) != len(names):
         raise ValueError("domain names must be unique")
     looks = target_looks(cfg.seed, cfg.n_styles, cfg.target_render_shift)  # checks the range first
+    looks = merged_looks(cfg.seed, cfg.n_styles, cfg.target_render_merge, looks)  # so does this
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     world = shared_world(cfg.seed, cfg.n_styles)
     worlds = {"aux": world, "target": restyled_world(world, looks)}
     # target_looks[s]: the style whose image and price level style s shows in target domains
     manifest = {"format": "amazon2018", "seed": cfg.seed, "target_render_shift": cfg.target_render_shift,
-                "target_looks": [int(s) for s in looks], "aux": [], "target": []}
+                "target_render_merge": cfg.target_render_merge, "target_looks": [int(s) for s in looks],
+                "aux": [], "target": []}
     # spawned (a fork of a threaded caller can hang in the child, see data/pack.py), and dying
     # with this process
     with mp.get_context("spawn").Pool(max(cfg.workers, 1), initializer=die_with_parent,
