@@ -201,10 +201,12 @@ class RelearnConfig(PretrainConfig):
     mode: str = opt("relearn", "relearn (re-learn the item model and positions, freeze the rest of the user "
                     "model) | finetune (start from everything pre-trained, freeze the user model) | scratch "
                     "(the same architecture trained on the target only) | zeroshot (evaluate, no training)", choices=MODES)
-    item_repr: str = opt("irl", "irl (ANT) | id (pure-ID SASRec) | irl+id (ANT_e: IRL plus a target ID table)", choices=ITEM_REPRS)
+    item_repr: str = opt("irl", "irl (ANT) | id (pure-ID SASRec) | irl+id (ANT_e: IRL plus a target ID table) | "
+                         "fused (SASRec++) | nova (NOVA): the last two with mode=scratch", choices=ITEM_REPRS)
     score: str = opt("", "how a user state scores an item: cos (cos/tau, the ANT paper) | dot (SASRec's dot "
-                     "product, tau unused) | empty: the method's paper (dot for item_repr=id, cos otherwise; "
-                     "a pre-trained model's own score for relearn/finetune/zeroshot)", choices=("",) + SCORES)
+                     "product, tau unused) | empty: the method's paper (dot for item_repr=id, fused, nova, cos "
+                     "otherwise; a pre-trained model's own score for relearn/finetune/zeroshot)",
+                     choices=("",) + SCORES)
     ablate: list = opt([], "Table IV ablations: any of T (no text), I (no image), P (no price), MoE (one linear "
                        "map instead of the experts), MF (no text-image fusion)")
     method: str = opt("", "label in reports (empty: ReL, FT, GB, ANT_e, ID-SASRec or zero-shot from mode and "

@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Optional
 
 MODES = ("relearn", "finetune", "scratch", "zeroshot")
-ITEM_REPRS = ("irl", "id", "irl+id")
+ITEM_REPRS = ("irl", "id", "irl+id", "fused", "nova")
+# item representations of the multi-modal baselines: trained from scratch only (model/side_info.py)
+BASELINE_ITEM_REPRS = ("fused", "nova")
 
 # label -> (mode, item_repr), in the report's row order; labels not listed sort after these, A-Z
 METHODS = {
@@ -20,6 +22,8 @@ METHODS = {
     "FT": ("finetune", "irl"),
     "ReL": ("relearn", "irl"),
     "ANT_e": ("relearn", "irl+id"),
+    "SASRec++": ("scratch", "fused"),
+    "NOVA": ("scratch", "nova"),
 }
 METHOD_ORDER = tuple(METHODS)
 # compared with GB (training from scratch) in the negative-transfer table

@@ -37,7 +37,7 @@ TWO_PROCESSES = {
     "pretrain sampled in-batch gathered (2 processes)": (
         "pretrain", ["loss=sampled", "n_negatives=64", "in_batch_negatives=true"], "sampled+global-in-batch+gathered"),
 }
-for _label in ("ReL", "FT", "GB", "ANT_e", "ID-SASRec"):
+for _label in ("ReL", "FT", "GB", "ANT_e", "ID-SASRec", "SASRec++", "NOVA"):
     _opts = method_options(_label)
     ONE_PROCESS[f"relearn {_label} dense"] = ("relearn", _opts, "exact-dense")
     ONE_PROCESS[f"relearn {_label} chunked"] = ("relearn", [*_opts, "exact_chunk=16"], "exact-chunked")

@@ -87,7 +87,8 @@ def recbole_options(cfg: BaselinesConfig, label: str, run_dir: Path) -> dict:
     """Our settings in RecBole's names (the paper's: CE loss over all items, Adam, no weight decay)."""
     opts = {"checkpoint_dir": str(run_dir / "recbole"), "seed": cfg.seed, "reproducibility": True,
             "epochs": cfg.epochs, "train_batch_size": cfg.batch_size, "eval_batch_size": cfg.eval_batch,
-            "MAX_ITEM_LIST_LENGTH": cfg.max_len, "learning_rate": cfg.lr, "learner": "adam", "weight_decay": 0.0, "loss_type": "CE",
+            "MAX_ITEM_LIST_LENGTH": cfg.max_len, "learning_rate": cfg.lr, "learner": "adam", "weight_decay": 0.0,
+            "loss_type": "CE",
             "train_neg_sample_args": None, "hidden_size": cfg.hidden, "embedding_size": cfg.hidden,
             "inner_size": cfg.inner_size, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
             "show_progress": False, "log_wandb": False, "state": "WARNING", "worker": 0,

@@ -1,7 +1,11 @@
 """The whole ANT model: an item encoder (IRL, an ID table, or both) and the SASRec user model.
+The same class holds the two multi-modal baselines (model/side_info.py): SASRec++ (item_source
+"fused": ID table and features fused into one embedding) and NOVA ("nova": ID embeddings, with
+the features as side information in the user model's queries and keys).
 
 Parameter groups, addressable by name (`param_groups()`), every parameter in exactly one:
-    "irl"      Φ_IRL      the item model (MoE experts, gates, price encoder)
+    "irl"      Φ_IRL      the item model (MoE experts, gates, price encoder; SASRec++'s and
+                          NOVA's feature layers)
     "position" Θ_P        SASRec's position embeddings
     "sasrec"   Θ_SASRec-P the rest of the user model
     "id"                  per-item ID embeddings (ANT_e, or the pure-ID SASRec baseline)
@@ -22,6 +26,11 @@ from torch import nn
 from ant_dist.config import SCORES
 from ant_dist.model.irl import IRL, IRLConfig, ItemOutput
 from ant_dist.model.sasrec import SASRec, SASRecConfig
+from ant_dist.model.side_info import FusedItems, NovaSide
+
+ITEM_SOURCES = ("irl", "irl+id", "id", "fused", "nova")
+# the item sources with a per-item ID table over the catalog
+ID_TABLE_SOURCES = ("irl+id", "id", "fused", "nova")
 
 
 class FeatureBank:
@@ -48,7 +57,7 @@ class FeatureBank:
 
 @dataclass
 class ANTConfig:
-    # "irl": ANT; "irl+id": ANT_e; "id": the pure-ID SASRec baseline
+    # "irl": ANT; "irl+id": ANT_e; "id": the pure-ID SASRec baseline; "fused": SASRec++; "nova": NOVA
     item_source: str = "irl"
     n_items: int = 0  # size of the ID table when item_source uses "id"
     # how a user state h scores an item v, in training and ranking (docs/model.md): "cos",
@@ -61,16 +70,20 @@ class ANTConfig:
 class ANT(nn.Module):
     def __init__(self, cfg: ANTConfig):
         super().__init__()
-        if cfg.item_source not in ("irl", "irl+id", "id"):
-            raise ValueError(f"item_source must be irl, irl+id or id, got {cfg.item_source!r}")
+        if cfg.item_source not in ITEM_SOURCES:
+            raise ValueError(f"item_source must be one of {', '.join(ITEM_SOURCES)}, got {cfg.item_source!r}")
+        if cfg.sasrec.nova != (cfg.item_source == "nova"):
+            raise ValueError("a NOVA user model (sasrec.nova) goes with item_source=nova, and only with it")
         if cfg.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {cfg.score!r}")
         if cfg.irl.hidden != cfg.sasrec.hidden:
             raise ValueError("IRL and SASRec hidden sizes must match")
         self.cfg = cfg
         self.irl = IRL(cfg.irl) if "irl" in cfg.item_source else None
+        self.side_items = {"fused": FusedItems, "nova": NovaSide}.get(cfg.item_source)
+        self.side_items = self.side_items(cfg.irl) if self.side_items is not None else None
         self.id_embedding: Optional[nn.Embedding] = None
-        if "id" in cfg.item_source:
+        if cfg.item_source in ID_TABLE_SOURCES:
             self.set_id_table(cfg.n_items)
         self.sasrec = SASRec(cfg.sasrec)
 
@@ -92,19 +105,36 @@ class ANT(nn.Module):
             if self.id_embedding is not None:
                 out.embedding = out.embedding + self.id_embedding(rows)
             return out
-        e = self.id_embedding(rows)
+        e, side = self.id_embedding(rows), None
+        if self.side_items is not None:
+            if bank is None:
+                raise ValueError("this model reads item features: pass a FeatureBank")
+            if self.cfg.item_source == "fused":
+                e = self.side_items(e, *bank.gather(rows))
+            else:
+                side = self.side_items(*bank.gather(rows))
         zero = torch.zeros_like(e)
-        return ItemOutput(e, zero, zero, zero)
+        return ItemOutput(e, zero, zero, zero, side=side)
 
     # ------------------------------------------------------------------ users
-    def user_states(self, item_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.sasrec(item_emb, mask)
+    def user_states(self, item_emb: torch.Tensor, mask: torch.Tensor,
+                    side: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """SASRec's states; `side` (B, L, hidden): NOVA's side information of the same positions."""
+        return self.sasrec(item_emb, mask, side=side)
+
+    def sequence_states(self, items: ItemOutput, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """User states over sequences of `items` rows: index (B, L) into them, mask (B, L)."""
+        keep = mask.unsqueeze(-1)
+        side = None if items.side is None else items.side[index] * keep
+        return self.user_states(items.embedding[index] * keep, mask, side=side)
 
     # ------------------------------------------------------------------ groups
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         groups: dict[str, list[nn.Parameter]] = {"irl": [], "position": [], "sasrec": [], "id": []}
         if self.irl is not None:
             groups["irl"] = list(self.irl.parameters())
+        if self.side_items is not None:
+            groups["irl"] = list(self.side_items.parameters())
         if self.id_embedding is not None:
             groups["id"] = list(self.id_embedding.parameters())
         groups["position"] = list(self.sasrec.position.parameters())
@@ -118,8 +148,9 @@ class ANT(nn.Module):
         Whatever is re-initialised (item model, ID table, positions) is made trainable again,
         since an earlier `freeze_for_finetuning` may have frozen it.
         """
-        if self.irl is not None:
-            self.irl.reset_parameters()
+        for item_model in (self.irl, self.side_items):
+            if item_model is not None:
+                item_model.reset_parameters()
         if self.id_embedding is not None:
             nn.init.normal_(self.id_embedding.weight, std=0.02)
         self.sasrec.reset_positions()

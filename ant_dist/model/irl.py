@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +149,7 @@ class ItemOutput:
     z_text: torch.Tensor
     z_image: torch.Tensor
     z_price: torch.Tensor
+    side: Optional[torch.Tensor] = None  # NOVA's side information s_i (model/side_info.py), else None
 
 
 class IRL(nn.Module):

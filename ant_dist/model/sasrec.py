@@ -6,6 +6,13 @@ positions: attention is causal and padded keys are masked out.
 
 Θ_P (the position embeddings) is its own module, `position`, so that re-learning can
 re-initialise it while the rest of the user model (Θ_SASRec-P) stays frozen.
+
+`nova=True` gives NOVA's non-invasive attention (Liu et al., AAAI 2021; model/side_info.py): the
+item embeddings (IDs) alone form the values and pass from layer to layer; the side information
+(the items' feature vectors s_i, and the positions, which NOVA treats as side information too)
+enters only the queries and keys, through a gating fusion in every layer,
+    F = sum_j alpha_j f_j,  alpha = softmax_j(f_j . w_gate),  f = (x, s, position),
+    Q = F W_Q,  K = F W_K,  V = x W_V.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ class SASRecConfig:
     dropout: float = 0.5
     # The authors' code uses a feed-forward width equal to the hidden size.
     ffn_mult: int = 1
+    # NOVA's non-invasive attention (module docstring): side information in queries and keys only
+    nova: bool = False
 
 
 class Block(nn.Module):
@@ -44,10 +53,27 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.hidden, eps=1e-12)
         self.dropout = nn.Dropout(cfg.dropout)
         self.attn_dropout = cfg.dropout
+        # NOVA's gating fusion: one score vector per layer (zero at start: the features' mean)
+        self.gate = nn.Parameter(torch.zeros(cfg.hidden)) if cfg.nova else None
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, side: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(q, k, v), each (B, heads, L, head_dim); with `side` (B, L, n, d), NOVA's: q and k from the
+        gated fusion of x and the side features, v from x alone."""
         b, l, d = x.shape
-        q, k, v = self.qkv(x).view(b, l, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        if side is None:
+            return self.qkv(x).view(b, l, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        feats = torch.cat([x.unsqueeze(-2), side], dim=-2)  # (B, L, 1 + n, d)
+        alpha = torch.softmax(feats @ self.gate, dim=-1)   # (B, L, 1 + n)
+        fused = (alpha.unsqueeze(-1) * feats).sum(dim=-2)
+        w, bias = self.qkv.weight, self.qkv.bias
+        q, k = F.linear(fused, w[:2 * d], bias[:2 * d]).view(b, l, 2, self.n_heads, d // self.n_heads) \
+            .permute(2, 0, 3, 1, 4)
+        v = F.linear(x, w[2 * d:], bias[2 * d:]).view(b, l, self.n_heads, d // self.n_heads).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        b, l, d = x.shape
+        q, k, v = self.project(x, side)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
         x = self.norm1(x + self.dropout(self.out(a.transpose(1, 2).reshape(b, l, d))))
@@ -74,26 +100,36 @@ class SASRec(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        for block in self.blocks:
+            if block.gate is not None:
+                nn.init.zeros_(block.gate)
 
     def reset_positions(self) -> None:
         nn.init.normal_(self.position.weight, std=0.02)
 
-    def forward(self, item_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, item_emb: torch.Tensor, mask: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states at every position, (B, L, hidden).
 
-        item_emb: (B, L, hidden) item embeddings; mask: (B, L) bool, True at real items.
+        item_emb: (B, L, hidden) item embeddings; mask: (B, L) bool, True at real items; side:
+        (B, L, hidden) the items' side information, for a NOVA model only (and required there).
         """
         b, l, _ = item_emb.shape
         if l > self.cfg.max_len:
             raise ValueError(f"sequence length {l} > max_len {self.cfg.max_len}")
+        if (side is not None) != self.cfg.nova:
+            raise ValueError("side information goes with a NOVA user model (nova=True), and only with it")
         pos = self.position(torch.arange(l, device=item_emb.device))
-        x = self.input_dropout(self.input_norm(item_emb + pos))
+        if self.cfg.nova:  # positions are side information too: they reach queries and keys only
+            x = self.input_dropout(self.input_norm(item_emb))
+            side = torch.stack([side, pos.expand_as(side)], dim=-2)  # (B, L, 2, hidden)
+        else:
+            x = self.input_dropout(self.input_norm(item_emb + pos))
         causal = torch.ones(l, l, dtype=torch.bool, device=item_emb.device).tril()
         # a query may see earlier real items and itself (so no row is fully masked)
         attn_mask = (causal & (mask.unsqueeze(1) | torch.eye(l, dtype=torch.bool, device=mask.device)))
         attn_mask = attn_mask.unsqueeze(1)  # (B, 1, L, L), broadcast over heads
         for block in self.blocks:
-            x = block(x, attn_mask)
+            x = block(x, attn_mask, side)
         return x
 
     @staticmethod

@@ -190,6 +190,10 @@ def load_scorer(model_dir: str, domain: str, shards: Optional[str] = None, featu
     if not item_ids:
         raise RecommendError(f"the catalog of {domain!r} ({shards_root / domain}) is empty")
     source = model.cfg.item_source
+    if source in ("fused", "nova"):
+        raise RecommendError(f"{model_dir} is a {'SASRec++' if source == 'fused' else 'NOVA'} baseline "
+                             f"(item_source={source}), trained for the report's comparison; recommendations and "
+                             f"serving exports are for ANT's models (item_source irl, id or irl+id)")
     scoring, offset, note = source, 0, ""
     if "id" in source:
         found, why = id_table_offset(config, domain, item_ids)

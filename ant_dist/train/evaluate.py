@@ -51,9 +51,9 @@ def rank_users(model: ANT, features, item_table: torch.Tensor, corpus: Corpus, u
         # the table holds score vectors (unit vectors for cos); the user model reads raw item embeddings, so
         # recompute those for the inputs (cheap: only the batch's rows)
         emb = model.encode_items(rows[mask], features)
-        seq = torch.zeros(*rows.shape, emb.embedding.shape[-1], device=device)
-        seq[mask] = emb.embedding
-        h = SASRec.last(model.user_states(seq, mask), mask)
+        index = torch.zeros(rows.shape, dtype=torch.long, device=device)  # position -> row of emb (0 at padding)
+        index[mask] = torch.arange(int(mask.sum()), device=device)
+        h = SASRec.last(model.sequence_states(emb, index, mask), mask)
         r = chunked_target_ranks(h, targets, lambda idx: item_table[idx], len(item_table),
                                  history=hist if exclude_history else None, chunk=chunk, score=model.cfg.score)
         ranks.append(r.cpu().numpy())

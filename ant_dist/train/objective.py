@@ -56,7 +56,7 @@ class TrainObjective(nn.Module):
         items = self.model.encode_items(rows, bank)
         mask = batch["mask"].to(device)
         inputs, targets = batch["inputs"].to(device), batch["targets"].to(device)
-        states = self.model.user_states(items.embedding[inputs] * mask.unsqueeze(-1), mask)
+        states = self.model.sequence_states(items, inputs, mask)
         at = targets >= 0
         h, target_rows = states[at], rows[targets[at]]
 

@@ -7,14 +7,16 @@
     zeroshot  the pre-trained model as it is; nothing trained
 
 `item_repr` picks the item encoder: irl (ANT), id (a pure-ID SASRec) or irl+id (ANT_e: IRL plus
-an ID table over the target catalog; the table is always new, the target's items are new).
+an ID table over the target catalog; the table is always new, the target's items are new); fused
+(SASRec++) and nova (NOVA) are the multi-modal baselines, trained from scratch (model/side_info.py).
 The architecture (sizes, experts, layers, max_len) comes from the pre-trained model when one is
 given, so GB and ID-SASRec have exactly the capacity of the transferred models; training-time
 settings (dropouts, beta, gate noise, ablations) come from the run's config.
 
 The score (`score`, docs/model.md) defaults to each method's paper: the dot product for the
-pure-ID SASRec (SASRec, RecBole), cos/tau for ANT's item model (the ANT paper, eq. 13); a run
-that starts from a pre-trained model keeps that model's score (its user model was trained with it).
+SASRec-based models (the pure-ID SASRec as SASRec and RecBole, SASRec++, NOVA), cos/tau for
+ANT's item model (the ANT paper, eq. 13); a run that starts from a pre-trained model keeps that
+model's score (its user model was trained with it).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import dataclasses
 from pathlib import Path
 
 from ant_dist.config import ConfigError, RelearnConfig, check_choices
-from ant_dist.methods import method_of
-from ant_dist.model.ant import ANT, ANTConfig
+from ant_dist.methods import BASELINE_ITEM_REPRS, method_of
+from ant_dist.model.ant import ANT, ID_TABLE_SOURCES, ANTConfig
 from ant_dist.model.io import load_model
 from ant_dist.model.irl import IRLConfig
 from ant_dist.model.sasrec import SASRecConfig
@@ -71,8 +73,11 @@ def check_target_config(cfg: RelearnConfig) -> None:
     except TrainError as exc:
         problems.append(str(exc))
         names = []
-    if names and cfg.item_repr == "id":
-        problems.append("ablations switch parts of the item model off; item_repr=id has no item model")
+    if names and cfg.item_repr in ("id", *BASELINE_ITEM_REPRS):
+        problems.append(f"ablations switch parts of ANT's item model off; item_repr={cfg.item_repr} has none")
+    if cfg.item_repr in BASELINE_ITEM_REPRS and cfg.mode != "scratch":
+        problems.append(f"item_repr={cfg.item_repr} is a baseline trained from scratch (SASRec++ or NOVA): "
+                        f"mode=scratch")
     if "MoE" in names and cfg.mode in ("finetune", "zeroshot"):
         problems.append(f"ablate=MoE changes the item model's parameters, so mode={cfg.mode} cannot start from the "
                         f"pre-trained mixture; use mode=relearn or scratch")
@@ -95,7 +100,7 @@ def _architecture(cfg: RelearnConfig, pretrained: ANT | None, text_dim: int,
     else:
         irl, sasrec = model_configs(cfg, text_dim, image_dim)
     irl = dataclasses.replace(irl, dropout=cfg.irl_dropout, beta=cfg.beta, gate_noise=cfg.gate_noise, **flags)
-    sasrec = dataclasses.replace(sasrec, dropout=cfg.dropout)
+    sasrec = dataclasses.replace(sasrec, dropout=cfg.dropout, nova=cfg.item_repr == "nova")
     if pretrained is not None and sasrec.max_len != cfg.max_len:
         cfg.max_len = sasrec.max_len  # the position table's size is the pre-trained one
     return irl, sasrec
@@ -107,15 +112,16 @@ def model_score(cfg: RelearnConfig, pretrained: ANT | None) -> str:
         return cfg.score
     if pretrained is not None and cfg.mode != "scratch":
         return pretrained.cfg.score
-    return "dot" if cfg.item_repr == "id" else "cos"
+    return "dot" if cfg.item_repr in ("id", *BASELINE_ITEM_REPRS) else "cos"
 
 
 def build_target_model(cfg: RelearnConfig, features, corpus) -> ANT:
     """The model of `cfg.mode`, with requires_grad set on exactly the parameters that train."""
     pretrained = load_model(cfg.pretrained)[0] if cfg.pretrained else None  # read once: shapes and weights
     irl, sasrec = _architecture(cfg, pretrained, features.text_dim, features.image_dim)
-    model = ANT(ANTConfig(item_source=cfg.item_repr, n_items=corpus.n_items if "id" in cfg.item_repr else 0,
-                          score=model_score(cfg, pretrained), irl=irl, sasrec=sasrec))
+    n_items = corpus.n_items if cfg.item_repr in ID_TABLE_SOURCES else 0
+    model = ANT(ANTConfig(item_source=cfg.item_repr, n_items=n_items, score=model_score(cfg, pretrained), irl=irl,
+                          sasrec=sasrec))
     if cfg.mode == "scratch":
         return model
     weights = pretrained.state_dict()
