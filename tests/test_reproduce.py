@@ -35,7 +35,8 @@ TABLE_A1 = {"Scientific": [(300, 3e-3), (128, 1e-3), (128, 1e-2), (64, 3e-3), (3
             "Arts": [(128, 1e-3), (300, 3e-4), (300, 3e-4), (128, 3e-3), (300, 3e-3)],
             "Office": [(128, 1e-3), (300, 3e-4), (300, 3e-4), (128, 1e-3), (300, 3e-3)]}
 METHOD_MODES = {"GB": ("scratch", "irl"), "FT": ("finetune", "irl"), "ReL": ("relearn", "irl"),
-                "ANT_e": ("relearn", "irl+id"), "ID-SASRec": ("scratch", "id")}
+                "ANT_e": ("relearn", "irl+id"), "ID-SASRec": ("scratch", "id"), "SASRec++": ("scratch", "fused"),
+                "NOVA": ("scratch", "nova")}
 ENV_KEYS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false"}
 
@@ -196,7 +197,7 @@ def test_targets_and_seeds_flags_shrink_the_array():
                     "--seeds", "4")
     assert res.returncode == 0, res.stderr
     rows = table_rows(res.stdout)
-    assert rows["relearn"] == (2 * 5 * 4 * 1, "pretrain")
+    assert rows["relearn"] == (2 * 7 * 4 * 1, "pretrain")
     assert rows["baselines"] == (2 * 5 * 1, "embed")
     assert rows["fetch"][0] == 4 + 2  # the auxiliary domains and the two targets
     assert "seed=4" in res.stdout and "seed=0" not in res.stdout
@@ -437,7 +438,7 @@ def test_emit_slurm_writes_the_stage_table_and_the_distributed_stages_arguments(
     assert [(r[0], r[1], int(r[2]), r[3], r[4]) for r in rows] == [
         ("fetch", "task", 9, "-", "0"), ("pack", "task", 9, "fetch", "0"), ("embed", "embed", 1, "pack", "0"),
         ("baselines", "task", 5 * 5, "embed", "0"), ("pretrain", "pretrain", 1, "embed", "0"),
-        ("relearn", "task", 5 * 5 * 4, "pretrain", "0"), ("select", "task", 1, "relearn", "0"),
+        ("relearn", "task", 5 * 7 * 4, "pretrain", "0"), ("select", "task", 1, "relearn", "0"),
         ("report", "task", 1, "select,baselines", "0")]
     assert rows[3][5:] == ["1", "1", "1", "8", "32G", "04:00:00", "-"]  # resources.baselines: one GPU per run
     pretrain_args = (tmp_path / "plan" / "pretrain.args").read_text().splitlines()
