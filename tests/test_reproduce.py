@@ -22,7 +22,8 @@ from test_slurm import _wait_job_done, cluster, slurm  # noqa: F401  (cluster: a
 
 from ant_dist.config import ConfigError, ReproduceConfig
 from ant_dist.methods import RECBOLE_BASELINES
-from ant_dist.pipeline.plan import build_plan, grid_points, report_inputs, select_runs
+from ant_dist.pipeline.plan import build_plan, grid_points
+from ant_dist.pipeline.selection import report_inputs, select_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = sorted((ROOT / "configs" / "paper").glob("*.yaml"))

@@ -224,7 +224,7 @@ def baseline_options(cfg: ReproduceConfig, target: str, label: str) -> dict:
     return {**common, **per_label.get(label, {}), **t_common, **t_label.get(label, {})}
 
 
-def _baseline_config(run: dict, select_metric: str) -> BaselinesConfig:
+def baseline_config(run: dict, select_metric: str) -> BaselinesConfig:
     """The run's options as `python -m ant_dist.baselines` parses them (a wrong type fails here)."""
     try:
         return load_config(BaselinesConfig, None, [f"model={run['label']}", f"domain={run['target']}",
@@ -247,7 +247,7 @@ def check_baselines(cfg: ReproduceConfig) -> None:
                               f"nor a domain of `files`")
         _baseline_layer(f"baseline_target_options.{target}", options)
     for run in baseline_runs(cfg, seeds=cfg.seeds[:1]):  # the options do not depend on the seed
-        _baseline_config(run, cfg.select_metric)
+        baseline_config(run, cfg.select_metric)
 
 
 def baseline_runs(cfg: ReproduceConfig, seeds=None) -> list:
@@ -267,32 +267,6 @@ def baselines_note(cfg: ReproduceConfig) -> str:
     n = len(cfg.targets) * len(labels) * len(cfg.seeds)
     return (f"{len(cfg.targets)} target(s) x {len(labels)} baseline(s) ({', '.join(labels)}) x {len(cfg.seeds)} "
             f"seed(s) = {n} runs; they need the shards and the feature tables, not the pre-trained model")
-
-
-def report_inputs(cfg: ReproduceConfig, selection: dict) -> list:
-    """The run folders `ant_dist.report` reads: the re-learning runs chosen in `selection`, then
-    every baseline run of the plan, each finished and run with the options the plan gives it now
-    (every option its metrics.json records that bears on the results)."""
-    dirs = [g["selected"]["run_dir"] for g in selection["groups"]]
-    runs_root = layout(cfg)["runs"]
-    missing = []
-    for run in baseline_runs(cfg):
-        where = runs_root / run["run_name"] / "metrics.json"
-        if not where.is_file():
-            missing.append(str(where))
-            continue
-        metrics = json.loads(where.read_text())
-        recorded = {**metrics.get("config", {}), "model": metrics.get("method")}
-        expected = _baseline_config(run, cfg.select_metric)
-        for key in sorted(set(recorded) & BASELINE_FIELDS - BASELINE_NOT_RESULTS):
-            if recorded[key] != getattr(expected, key):
-                raise ConfigError(f"{where}: was run with {key}={recorded[key]!r}, the plan says "
-                                  f"{getattr(expected, key)!r} (a stale run folder? remove it and rerun the "
-                                  f"baselines stage)")
-        dirs.append(str(where.parent))
-    if missing:
-        raise ConfigError(f"{len(missing)} baseline run(s) have no metrics.json yet, e.g. {missing[0]}")
-    return dirs
 
 
 def build_plan(cfg: ReproduceConfig) -> list:
@@ -413,44 +387,3 @@ def write_rated_meta(meta: str, ratings: str, out: str, min_ratings: int) -> dic
                 fh.write(json.dumps(obj) + "\n")
     print(f"fetch: {kept} of {total} items of {meta} have >= {min_ratings} ratings -> {out}", flush=True)
     return {"kept": kept, "total": total}
-
-
-# ----------------------------------------------------------------------------- selection
-def _valid_value(metrics: dict, target: str, metric: str, where: str) -> float:
-    try:
-        return float(metrics["valid"][target]["mean"][metric])
-    except (KeyError, TypeError, ValueError):
-        raise ConfigError(f"{where}: no validation {metric} for {target} in metrics.json") from None
-
-
-def select_runs(cfg: ReproduceConfig) -> dict:
-    """Per (target, method, seed), the grid point whose run has the best validation `select_metric`
-    (the mean over the target's users, from metrics.json "valid"); a tie keeps the earlier point."""
-    paths = layout(cfg)
-    groups: dict = {}
-    missing = []
-    for run in relearn_runs(cfg):
-        where = paths["runs"] / run["run_name"] / "metrics.json"
-        if not where.is_file():
-            missing.append(str(where))
-            continue
-        metrics = json.loads(where.read_text())
-        for key, value in run["point"].items():  # a run left by another config must not be selected
-            if metrics.get("config", {}).get(key) != value:
-                raise ConfigError(f"{where}: was run with {key}={metrics.get('config', {}).get(key)!r}, the grid "
-                                  f"point says {value!r} (a stale run folder? remove it and rerun)")
-        value = _valid_value(metrics, run["target"], cfg.select_metric, str(where))
-        key = (run["target"], run["method"], run["seed"])
-        groups.setdefault(key, []).append({"point": run["point"], "grid_index": run["grid_index"],
-                                           "run_dir": str(where.parent), "valid": value})
-    if missing:
-        raise ConfigError(f"{len(missing)} re-learning run(s) have no metrics.json yet, e.g. {missing[0]}")
-    out = []
-    for (target, method, seed), cands in groups.items():
-        best = cands[0]
-        for c in cands[1:]:
-            if c["valid"] > best["valid"]:  # strictly better: a tie keeps the earlier grid point
-                best = c
-        out.append({"target": target, "method": method, "seed": seed, "selected": best, "candidates": cands})
-    return {"format": "ant-dist-selection/1", "select_metric": cfg.select_metric, "split": "valid",
-            "grid": {k: v for k, v in grid_axes(cfg.relearn)}, "groups": out}

@@ -41,7 +41,8 @@ from omegaconf import OmegaConf
 from ant_dist.config import ConfigError, ReproduceConfig, parse_cli
 from ant_dist.features.feature_table import MANIFEST
 from ant_dist.pipeline.launcher import launch_command
-from ant_dist.pipeline.plan import Stage, Task, build_plan, layout, report_inputs, select_runs, write_rated_meta
+from ant_dist.pipeline.plan import Stage, Task, build_plan, layout, write_rated_meta
+from ant_dist.pipeline.selection import report_inputs, select_runs
 from ant_dist.runtime.exit_codes import EXIT_BAD_INPUT, EXIT_OK
 from ant_dist.runtime.processes import die_with_parent
 
