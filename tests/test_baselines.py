@@ -193,3 +193,42 @@ def test_bad_inputs_exit_2(world, tmp_path):
     res = _run(["domain=Office", f"shards={world / 'shards'}", "model=GRU4Rec", *common])
     assert res.returncode == EXIT_BAD_INPUT and "model must be one of" in res.stderr
     assert not list((tmp_path / "runs").rglob("metrics.json"))
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_with_exit_75_and_no_results(world, tmp_path):
+    """SIGTERM during training: exit 75 (EXIT_STOPPED) before the next batch, no metrics.json."""
+    import signal
+    import time
+
+    from ant_dist.runtime.exit_codes import EXIT_STOPPED
+
+    args = [sys.executable, "-m", "ant_dist.baselines", f"shards={world / 'shards'}", f"features={world / 'features'}",
+            f"out={tmp_path}", "domain=Office", "model=SASRec", "epochs=100000", "patience=100000", "max_len=10",
+            "batch_size=16", "hidden=16", "inner_size=32", "tracker=none", "progress=false"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "baselines" / "Office" / "SASRec" / "seed0" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 600  # a generous bound on a loaded machine, not a timing
+        while not (log.is_file() and log.read_text().strip()):  # training is under way: an epoch was logged
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no epoch logged"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_STOPPED, err[-3000:]
+    assert "stopped by signal" in err
+    assert not (log.parent / "metrics.json").exists()
+
+
+def test_a_stop_flag_ends_training_before_the_next_batch():
+    stop = {"signal": 0}
+    batches = baselines.StoppableBatches([1, 2, 3], stop)
+    seen = []
+    with pytest.raises(baselines.Stopped):
+        for b in batches:
+            seen.append(b)
+            stop["signal"] = 15
+    assert seen == [1] and len(batches) == 3

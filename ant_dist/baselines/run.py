@@ -19,8 +19,8 @@ run (offline without an API key). metrics.json also holds `recbole_test`: RecBol
 test figures of the same weights (history ranked, RecBole's tie order), to compare with RecBole.
 
 Exit codes: 0 done (a run whose metrics.json exists is left as it is), 2 bad input, 3 non-finite
-training loss, 75 stopped by SIGTERM/SIGUSR1 at an epoch boundary (nothing is resumed: a rerun
-trains that baseline again; a baseline takes minutes where ANT's stages take hours).
+training loss, 75 stopped by SIGTERM/SIGUSR1, within one training batch (nothing is resumed: a
+rerun trains that baseline again; a baseline takes minutes where ANT's stages take hours).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ MIN_ITEMS = 4  # below this RecBole's leave-one-out split and ours disagree (doc
 
 
 class Stopped(Exception):
-    """A stop signal arrived; the run ends at the epoch boundary."""
+    """A stop signal arrived; the run ends before the next training batch."""
 
 
 class NonFinite(Exception):
@@ -122,6 +122,27 @@ def _text_table(cfg: BaselinesConfig, shards_dir: Path) -> np.ndarray:
         raise rb.BaselineError(f"FDSA and S3-Rec read our text embeddings: {exc}") from None
 
 
+class StoppableBatches:
+    """RecBole's training loader, checking the stop flag before each batch. A baseline is never
+    resumed, so stopping mid-epoch loses nothing, and a signal is answered within one batch (an
+    epoch on a real catalog can outlast a scheduler's grace period)."""
+
+    def __init__(self, loader, stop: dict):
+        self._loader, self._stop = loader, stop
+
+    def __iter__(self):
+        for batch in self._loader:
+            if self._stop["signal"]:
+                raise Stopped()
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
 class Training:
     """One baseline's epochs: RecBole's `_train_epoch`, our validation, the best weights in memory."""
 
@@ -136,7 +157,8 @@ class Training:
 
     def epoch(self, train_data, epoch: int, what: str = "train") -> float:
         try:
-            loss = self.trainer._train_epoch(train_data, epoch, show_progress=self.cfg.progress)
+            loss = self.trainer._train_epoch(StoppableBatches(train_data, self.stop), epoch,
+                                             show_progress=self.cfg.progress)
         except ValueError as exc:
             if "nan" in str(exc).lower():
                 raise NonFinite(f"{self.label}: {exc} at epoch {epoch} ({what})") from None
