@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ from ant_dist.runtime.atomic import write_json_atomic
 from ant_dist.runtime.exit_codes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED, BadInput
 from ant_dist.runtime.locking import LockedError, exclusive_dir_lock
 from ant_dist.runtime.signals import flag_stop_signals
+from ant_dist.train.selection import check_metric
 from ant_dist.train.tracking import MetricsLog, choose_wandb_mode, wandb_run_id
 
 TEXT_MODELS = ("FDSA", "S3-Rec")
@@ -68,9 +68,7 @@ def labels(cfg: BaselinesConfig) -> list[str]:
     chosen = list(cfg.models) + ([cfg.model] if cfg.model else [])
     if not chosen:
         raise rb.BaselineError(f"choose model=<one of {', '.join(RECBOLE_BASELINES)}> or models=[...]")
-    if not re.fullmatch(r"(recall|ndcg)@(10|20|50)", cfg.select_metric):
-        raise rb.BaselineError(f"select_metric must be recall@K or ndcg@K with K in 10, 20, 50, "
-                               f"got {cfg.select_metric!r}")
+    check_metric(cfg.select_metric)  # relearn's rule: recall@K or ndcg@K, K in 10, 20, 50
     for name in ("epochs", "patience", "batch_size", "eval_batch", "hidden", "max_len"):
         if getattr(cfg, name) < 1:
             raise rb.BaselineError(f"{name} must be at least 1, got {getattr(cfg, name)}")
