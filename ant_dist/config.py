@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ant_dist.methods import ITEM_REPRS, METHODS, MODES, RECBOLE_BASELINES
+from ant_dist.methods import ITEM_REPRS, METHODS, MODES, PRETRAIN_MODELS, RECBOLE_BASELINES
 # a stage imports its config and its parser from one place
 from ant_dist.runtime.options import (ConfigError, check_choices, field_help, flag_overrides,  # noqa: F401
                                       format_help, load_config, opt, parse_cli, save_config)
@@ -105,6 +105,9 @@ class EmbedConfig:
     text_pooling: str = opt("cls", "text features: cls ([CLS] of the last layer, as UniSRec) | mean "
                             "(attention-masked mean, for sentence-transformers models)", choices=TEXT_POOLINGS)
     max_text_tokens: int = opt(128, "texts are truncated to this many tokens")
+    text_word_drop: float = opt(0.0, "drop each word of an item's text with this probability before encoding "
+                                "(seeded by the item id): UniSRec's word-drop view (its feat2CLS), read by "
+                                "`pretrain model=unisrec word_drop_features=<out>`; write it to its own out")
     max_images: int = opt(4, "an item with several images gets the mean of the features of up to this many")
     batch_size: int = opt(64, "items per encoder batch")
     num_workers: int = opt(2, "DataLoader workers per process (decode images, tokenise texts)")
@@ -130,6 +133,14 @@ class PretrainConfig:
                                         "(on CPU 'device' is RAM: raise it on a GPU, where 2.4 GB fit easily)")
     num_workers: int = opt(1, "DataLoader workers per process (build batches, draw negatives, gather mmap features)")
     # model
+    model: str = opt("ant", "ant (IRL over text, image and price; the sequential softmax loss) | unisrec "
+                     "(UniSRec: its MoE adaptor over the text alone, pre-trained with its sequence-item and "
+                     "sequence-sequence contrastive tasks over the global batch; docs/model.md)",
+                     choices=PRETRAIN_MODELS)
+    item_drop: float = opt(0.2, "model=unisrec: probability of dropping each item in the augmented view of the "
+                           "sequence-sequence task")
+    word_drop_features: str = opt("", "model=unisrec: features root embedded with text_word_drop > 0, whose text "
+                                  "table gives the augmented view's items (empty: the view drops items only)")
     hidden: int = opt(256, "hidden size of the item and user models")
     n_layers: int = opt(2, "SASRec self-attention layers")
     n_heads: int = opt(2, "SASRec attention heads")
@@ -152,7 +163,8 @@ class PretrainConfig:
     shared_negatives: bool = opt(False, "every process draws the same K negatives per step and nothing is "
                                  "gathered (a fixed negative set: used to check data-parallel equivalence)")
     tau: float = opt(0.07, "softmax temperature of the cosine score (not used by score=dot)")
-    align_weight: float = opt(1e-3, "lambda, weight of the text-image alignment loss R_c (over the step's items)")
+    align_weight: float = opt(1e-3, "lambda, weight of the text-image alignment loss R_c (over the step's items); "
+                              "model=unisrec: the weight of the sequence-sequence task (UniSRec's lambda)")
     exact_chunk: int = opt(8192, "catalog rows per chunk of the exact loss and of the evaluation")
     # optimisation
     batch_size: int = opt(2048, "sequences per optimizer step over ALL processes (each takes an equal share)")
@@ -202,7 +214,10 @@ class RelearnConfig(PretrainConfig):
                     "model) | finetune (start from everything pre-trained, freeze the user model) | scratch "
                     "(the same architecture trained on the target only) | zeroshot (evaluate, no training)", choices=MODES)
     item_repr: str = opt("irl", "irl (ANT) | id (pure-ID SASRec) | irl+id (ANT_e: IRL plus a target ID table) | "
-                         "fused (SASRec++) | nova (NOVA): the last two with mode=scratch", choices=ITEM_REPRS)
+                         "fused (SASRec++) | nova (NOVA): these two with mode=scratch | text (UniSRec's text "
+                         "adaptor) | text+id (UniSRec_e: plus a target ID table); a pre-trained start must be "
+                         "of the same family (pretrain model=ant for irl*, model=unisrec for text*)",
+                         choices=ITEM_REPRS)
     score: str = opt("", "how a user state scores an item: cos (cos/tau, the ANT paper) | dot (SASRec's dot "
                      "product, tau unused) | empty: the method's paper (dot for item_repr=id, fused, nova, cos "
                      "otherwise; a pre-trained model's own score for relearn/finetune/zeroshot)",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 MODES = ("relearn", "finetune", "scratch", "zeroshot")
-ITEM_REPRS = ("irl", "id", "irl+id", "fused", "nova")
+ITEM_REPRS = ("irl", "id", "irl+id", "fused", "nova", "text", "text+id")
 # item representations of the multi-modal baselines: trained from scratch only (model/side_info.py)
 BASELINE_ITEM_REPRS = ("fused", "nova")
 
@@ -24,6 +24,12 @@ METHODS = {
     "ANT_e": ("relearn", "irl+id"),
     "SASRec++": ("scratch", "fused"),
     "NOVA": ("scratch", "nova"),
+    # UniSRec (model/unisrec.py), from a `pretrain model=unisrec` model: fine-tuned inductively (text
+    # only: the paper's "UniSRec", Table III's UniSRec-FT) or transductively (a target ID table too)
+    "UniSRec-GB": ("scratch", "text"),
+    "UniSRec": ("finetune", "text"),
+    "UniSRec-ReL": ("relearn", "text"),
+    "UniSRec_e": ("finetune", "text+id"),
 }
 METHOD_ORDER = tuple(METHODS)
 # compared with GB (training from scratch) in the negative-transfer table
@@ -35,11 +41,15 @@ RECBOLE_BASELINES = {"NPE": "NPE", "SASRec": "SASRec", "BERT4Rec": "BERT4Rec", "
 
 # The paper's Table II (methods x targets), in its row order; a label with no run is left out.
 # ReL is ANT (re-learning the item model), shown under the paper's name.
-TABLE2_METHODS = ("NPE", "SASRec", "BERT4Rec", "FDSA", "S3-Rec", "UniSRec", "SASRec++", "NOVA", "ID-SASRec",
-                  "ReL", "ANT_e")
+TABLE2_METHODS = ("NPE", "SASRec", "BERT4Rec", "FDSA", "S3-Rec", "UniSRec", "UniSRec_e", "SASRec++", "NOVA",
+                  "ID-SASRec", "ReL", "ANT_e")
 DISPLAY_NAMES = {"ReL": "ANT"}
 # The paper's Table III: per pre-trained model family, its (GB, FT, ReL) labels
-TABLE3_FAMILIES = {"UniSRec": ("UniSRec-GB", "UniSRec-FT", "UniSRec-ReL"), "ANT": ("GB", "FT", "ReL")}
+# (UniSRec's FT is the fine-tuned UniSRec of Table II: one run, one label)
+TABLE3_FAMILIES = {"UniSRec": ("UniSRec-GB", "UniSRec", "UniSRec-ReL"), "ANT": ("GB", "FT", "ReL")}
+# the pre-training a transfer method starts from: label -> `pretrain model=` (ANT's for the others)
+PRETRAINED_MODEL = {"UniSRec": "unisrec", "UniSRec-ReL": "unisrec", "UniSRec_e": "unisrec"}
+PRETRAIN_MODELS = ("ant", "unisrec")
 
 
 def method_options(label: str) -> list[str]:

@@ -121,7 +121,10 @@ def test_two_process_launch_trains_logs_and_exports(world):
 EQUIVALENCE_LOSSES = {"exact": (["loss=exact"], "exact-dense"),
                       "exact-sharded": (["loss=exact", "exact_chunk=128"], "exact-split"),
                       "sampled": (["loss=sampled"], "sampled"),
-                      "sampled-inbatch": (["loss=sampled", "in_batch_negatives=true"], "sampled+global-in-batch")}
+                      "sampled-inbatch": (["loss=sampled", "in_batch_negatives=true"], "sampled+global-in-batch"),
+                      # UniSRec's two tasks, in-batch over the global batch (its seq-seq weight on: the
+                      # augmented views are drawn per user, the same on any process count)
+                      "unisrec": (["model=unisrec", "align_weight=0.5"], "unisrec-in-batch+gathered")}
 
 
 @pytest.mark.slow
@@ -132,7 +135,8 @@ def test_two_processes_step_like_one_process_on_the_joint_batch(world, loss):
     # process with 2B, and differ clearly from one process with B. "exact" takes the dense
     # logits (the catalog fits one chunk); "exact-sharded" the chunked path, where 2 processes
     # split the catalog between them and 1 process streams all of it; "sampled-inbatch" adds
-    # the global batch's targets as negatives (gathered across the processes)
+    # the global batch's targets as negatives (gathered across the processes); "unisrec" UniSRec's
+    # pre-training (model/unisrec.py)
     kind, path = EQUIVALENCE_LOSSES[loss]
     exact = ["gate_noise=false", "dropout=0", "irl_dropout=0", "align_weight=0", "shared_negatives=true",
              "max_steps=2", "warmup_steps=1", *kind, "eval_users=10", "log_every=1"]

@@ -80,6 +80,8 @@ def _domains(cfg: EmbedConfig) -> list[str]:
 def _check_inputs(cfg: EmbedConfig, domains: list[str]) -> None:
     """Every input, before anything is loaded or written: encoder folders, then each shard (a
     tar that ends early or lost items would otherwise leave rows silently missing)."""
+    if not 0 <= cfg.text_word_drop < 1:
+        raise FeatureTableError(f"text_word_drop must be in [0, 1), got {cfg.text_word_drop}")
     require_local_model(cfg.text_encoder, "text_encoder")
     require_local_model(cfg.image_encoder, "image_encoder")
     for domain in domains:
@@ -97,7 +99,9 @@ def _wanted_manifest(cfg: EmbedConfig, domain: str, rows: int, text: TextEncoder
             "shards_dir": str(Path(cfg.shards) / domain),
             "shards_fingerprint": shards_fingerprint(Path(cfg.shards) / domain),
             "text": {**encoder_summary(cfg.text_encoder), "fingerprint": fingerprints["text"], "dim": text.dim,
-                     "pooling": cfg.text_pooling, "max_tokens": cfg.max_text_tokens},
+                     "pooling": cfg.text_pooling, "max_tokens": cfg.max_text_tokens,
+                     # only a word-drop table records it: tables embedded before the option still match
+                     **({"word_drop": cfg.text_word_drop} if cfg.text_word_drop > 0 else {})},
             "image": {**encoder_summary(cfg.image_encoder), "fingerprint": fingerprints["image"],
                       "dim": image.dim, "pooling": "pooler_output", "max_images": cfg.max_images},
             "runs": []}
@@ -215,7 +219,7 @@ def _run_locked(cfg: EmbedConfig, accelerator) -> dict:
     # have planned, or a fast process could shrink a slow one's view of the work.
     accelerator.wait_for_everyone()
     dataset = ShardItems(units, feature_dirs, cfg.image_encoder, cfg.text_encoder, cfg.max_text_tokens,
-                         cfg.max_images)
+                         cfg.max_images, cfg.text_word_drop)
     workers = min(cfg.num_workers, len(units))
     # forked loader workers share the lock descriptor: they must not outlive this process
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers, collate_fn=dataset.collate,

@@ -4,6 +4,7 @@ DataLoader workers (split out of embed.py, which runs the encoders and writes th
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -21,12 +22,22 @@ def _image_fields(sample: dict) -> list[str]:
     return sorted(k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
 
 
+def drop_words(text: str, p: float, seed: tuple) -> str:
+    """UniSRec's word drop: each space-separated word is dropped with probability p (the first is
+    kept when all would go, so no text becomes empty); `seed` fixes the draw, so a resumed pass
+    writes the same text."""
+    words = text.split(" ")
+    rng = np.random.default_rng(list(seed))
+    kept = [w for w, u in zip(words, rng.random(len(words))) if u >= p]
+    return " ".join(kept) if kept else words[0]
+
+
 class ShardItems(IterableDataset):
     """Items of this process's shards, split again across DataLoader workers, done rows skipped."""
 
     def __init__(self, units: list[tuple[int, str]], feature_dirs: list[str], image_encoder: str,
-                 text_encoder: str, max_text_tokens: int, max_images: int):
-        self.units, self.feature_dirs = units, feature_dirs
+                 text_encoder: str, max_text_tokens: int, max_images: int, word_drop: float = 0.0):
+        self.units, self.feature_dirs, self.word_drop = units, feature_dirs, word_drop
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.max_text_tokens, self.max_images = max_text_tokens, max_images
         self._processor = None
@@ -58,7 +69,10 @@ class ShardItems(IterableDataset):
                     else:
                         images.append(img)
                 pixels = self._processor(images=images, return_tensors="pt")["pixel_values"] if images else None
-                yield {"domain": d, "row": row, "text": sample["txt"].decode("utf-8"), "pixels": pixels,
+                text = sample["txt"].decode("utf-8")
+                if self.word_drop > 0:  # seeded by the domain folder and the row: the item itself
+                    text = drop_words(text, self.word_drop, (zlib.crc32(Path(self.feature_dirs[d]).name.encode()), row))
+                yield {"domain": d, "row": row, "text": text, "pixels": pixels,
                        "failed_images": failed}
 
     def collate(self, samples: list[dict]) -> dict:

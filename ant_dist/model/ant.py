@@ -1,11 +1,13 @@
 """The whole ANT model: an item encoder (IRL, an ID table, or both) and the SASRec user model.
 The same class holds the two multi-modal baselines (model/side_info.py): SASRec++ (item_source
 "fused": ID table and features fused into one embedding) and NOVA ("nova": ID embeddings, with
-the features as side information in the user model's queries and keys).
+the features as side information in the user model's queries and keys); and UniSRec
+(model/unisrec.py: "text", its MoE adaptor over the text vector alone; "text+id" adds a target
+ID table, UniSRec's transductive fine-tuning).
 
 Parameter groups, addressable by name (`param_groups()`), every parameter in exactly one:
     "irl"      Φ_IRL      the item model (MoE experts, gates, price encoder; SASRec++'s and
-                          NOVA's feature layers)
+                          NOVA's feature layers; UniSRec's text adaptor)
     "position" Θ_P        SASRec's position embeddings
     "sasrec"   Θ_SASRec-P the rest of the user model
     "id"                  per-item ID embeddings (ANT_e, or the pure-ID SASRec baseline)
@@ -27,10 +29,14 @@ from ant_dist.config import SCORES
 from ant_dist.model.irl import IRL, IRLConfig, ItemOutput
 from ant_dist.model.sasrec import SASRec, SASRecConfig
 from ant_dist.model.side_info import FusedItems, NovaSide
+from ant_dist.model.unisrec import TextItems
 
-ITEM_SOURCES = ("irl", "irl+id", "id", "fused", "nova")
+ITEM_SOURCES = ("irl", "irl+id", "id", "fused", "nova", "text", "text+id")
 # the item sources with a per-item ID table over the catalog
-ID_TABLE_SOURCES = ("irl+id", "id", "fused", "nova")
+ID_TABLE_SOURCES = ("irl+id", "id", "fused", "nova", "text+id")
+# the item sources whose item model is a mixture of experts over features, and which can be pre-trained:
+# the family is the model a pre-training builds (ANT's IRL or UniSRec's text adaptor)
+EXPERT_FAMILIES = {"irl": "irl", "irl+id": "irl", "text": "text", "text+id": "text"}
 
 
 class FeatureBank:
@@ -57,7 +63,8 @@ class FeatureBank:
 
 @dataclass
 class ANTConfig:
-    # "irl": ANT; "irl+id": ANT_e; "id": the pure-ID SASRec baseline; "fused": SASRec++; "nova": NOVA
+    # "irl": ANT; "irl+id": ANT_e; "id": the pure-ID SASRec baseline; "fused": SASRec++; "nova": NOVA;
+    # "text": UniSRec (inductive); "text+id": UniSRec_e (transductive)
     item_source: str = "irl"
     n_items: int = 0  # size of the ID table when item_source uses "id"
     # how a user state h scores an item v, in training and ranking (docs/model.md): "cos",
@@ -80,7 +87,8 @@ class ANT(nn.Module):
             raise ValueError("IRL and SASRec hidden sizes must match")
         self.cfg = cfg
         self.irl = IRL(cfg.irl) if "irl" in cfg.item_source else None
-        self.side_items = {"fused": FusedItems, "nova": NovaSide}.get(cfg.item_source)
+        self.side_items = {"fused": FusedItems, "nova": NovaSide, "text": TextItems,
+                           "text+id": TextItems}.get(cfg.item_source)
         self.side_items = self.side_items(cfg.irl) if self.side_items is not None else None
         self.id_embedding: Optional[nn.Embedding] = None
         if cfg.item_source in ID_TABLE_SOURCES:
@@ -105,12 +113,16 @@ class ANT(nn.Module):
             if self.id_embedding is not None:
                 out.embedding = out.embedding + self.id_embedding(rows)
             return out
-        e, side = self.id_embedding(rows), None
+        e = self.id_embedding(rows) if self.id_embedding is not None else None
+        side = None
         if self.side_items is not None:
             if bank is None:
                 raise ValueError("this model reads item features: pass a FeatureBank")
             if self.cfg.item_source == "fused":
                 e = self.side_items(e, *bank.gather(rows))
+            elif self.cfg.item_source in ("text", "text+id"):
+                text = self.side_items(bank.gather(rows)[0])
+                e = text if e is None else text + e
             else:
                 side = self.side_items(*bank.gather(rows))
         zero = torch.zeros_like(e)

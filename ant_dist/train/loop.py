@@ -19,6 +19,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -39,6 +40,7 @@ from ant_dist.train.objective import TrainObjective
 from ant_dist.train.pretrained_arch import model_configs
 from ant_dist.train.resume_check import check_resume
 from ant_dist.train.session import Progress, TrainingSession
+from ant_dist.train.unisrec_objective import UniSRecObjective
 from ant_dist.train.stage import FinishContext, Stage
 from ant_dist.train.tracking import MetricsLog, memory_record, param_digest, start_trackers
 
@@ -60,7 +62,11 @@ def _validate(cfg: PretrainConfig, stage: Stage) -> None:
     for name in ("batch_size", "hidden", "max_len", "max_epochs", "exact_chunk"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be >= 1")
-    if cfg.loss == "sampled" and cfg.n_negatives < 1:
+    if cfg.model == "unisrec" and not 0 <= cfg.item_drop < 1:
+        problems.append("item_drop must be in [0, 1)")
+    if cfg.word_drop_features and cfg.model != "unisrec":
+        problems.append("word_drop_features is read by model=unisrec only")
+    if cfg.loss == "sampled" and cfg.n_negatives < 1 and cfg.model == "ant":
         problems.append("n_negatives must be >= 1 with loss=sampled")
     if not cfg.domains:
         problems.append("domains is empty: name the domains to train on")
@@ -93,8 +99,23 @@ def _schedule(cfg: PretrainConfig, optimizer, n_train: int, trains: bool):
 
 
 def build_model(cfg: PretrainConfig, text_dim: int, image_dim: int) -> ANT:
+    """A fresh pre-training model: ANT's IRL, or UniSRec's text adaptor (model=unisrec)."""
     irl, sasrec = model_configs(cfg, text_dim, image_dim)
-    return ANT(ANTConfig(item_source="irl", irl=irl, sasrec=sasrec))
+    return ANT(ANTConfig(item_source="text" if cfg.model == "unisrec" else "irl", irl=irl, sasrec=sasrec))
+
+
+def make_objective(cfg: PretrainConfig, model: ANT, features: CatalogFeatures, sampler, popularity,
+                   word_drop: Optional[CatalogFeatures]) -> torch.nn.Module:
+    """The loss of the run's model: UniSRec's two contrastive tasks for a UniSRec model being
+    pre-trained, else L_r (+ lambda R_c) with the configured softmax."""
+    if model.cfg.item_source == "text" and cfg.model == "unisrec":
+        objective = UniSRecObjective(model, features, word_drop, cfg.tau, cfg.align_weight, cfg.item_drop)
+    else:
+        objective = TrainObjective(model, features, cfg.loss, cfg.tau, cfg.align_weight, sampler, popularity + 1.0,
+                                   cfg.in_batch_negatives, cfg.gather_negatives and not cfg.shared_negatives,
+                                   cfg.exact_chunk)
+    objective.fail_at_step = cfg.fail_at_step
+    return objective
 
 
 def _lock_run_dir(accelerator, run_dir: Path, stack: ExitStack) -> None:
@@ -130,10 +151,32 @@ def _load_data(cfg: PretrainConfig, stage: Stage, accelerator):
         raise TrainError(f"{len(corpus.train_users)} training sequences cannot feed {world} processes")
     popularity = torch.from_numpy(corpus.popularity()).float()
     sampler = None
-    if cfg.loss == "sampled":
+    if cfg.loss == "sampled" and cfg.model == "ant":
         sampler = NegativeSampler(corpus.n_items, popularity, cfg.sampler_alpha if cfg.sampler == "popularity"
                                   else 0.0)
     return corpus, features, popularity, sampler
+
+
+def _word_drop_features(cfg: PretrainConfig, corpus: Corpus, features: CatalogFeatures,
+                        accelerator) -> Optional[CatalogFeatures]:
+    """UniSRec's word-dropped text table (word_drop_features), checked against the run's catalog."""
+    if cfg.model != "unisrec" or not cfg.word_drop_features:
+        return None
+    from ant_dist.features.feature_table import read_manifest
+
+    for name in corpus.names:
+        manifest = read_manifest(Path(cfg.word_drop_features) / name) or {}
+        if not manifest.get("text", {}).get("word_drop"):
+            raise TrainError(f"word_drop_features={cfg.word_drop_features}: {name} has no word-drop text table "
+                             f"(embed it with `python -m ant_dist.embed text_word_drop=0.15 "
+                             f"out={cfg.word_drop_features}`)")
+    found = load_catalog_features(cfg.word_drop_features, cfg.shards, corpus.names,
+                                  [d.n_items for d in corpus.domains], features.placement,
+                                  cfg.features_device_max_gb, accelerator.device)
+    if found.text_dim != features.text_dim:
+        raise TrainError(f"word_drop_features={cfg.word_drop_features}: text dim {found.text_dim}, but the run's "
+                         f"features have {features.text_dim}: embed both with the same text encoder")
+    return found
 
 
 def _open_trace(run_dir: Path, rank: int, stack: ExitStack):
@@ -147,9 +190,9 @@ def _epoch_loader(cfg: PretrainConfig, corpus: Corpus, features: CatalogFeatures
     """This process's batches of the epoch in progress, from its `bounds` on (the global batches left)."""
     batches = EpochBatches(corpus, epoch_order(len(corpus.train_users), cfg.seed, progress.epoch), bounds,
                            progress.step, rank, world, cfg.max_len, cfg.seed,
-                           cfg.n_negatives if cfg.loss == "sampled" else 0,
+                           cfg.n_negatives if sampler is not None else 0,
                            sampler.probs if sampler else None, cfg.shared_negatives,
-                           features if features.placement == "mmap" else None)
+                           features if features.placement == "mmap" else None, draws=cfg.model == "unisrec")
     return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.num_workers,
                                        prefetch_factor=4 if cfg.num_workers else None,
                                        worker_init_fn=loader_worker_init())
@@ -225,10 +268,8 @@ def run(cfg: PretrainConfig, stage: Stage) -> dict:
                  else build_model(cfg, features.text_dim, features.image_dim))
         if cfg.compile:
             compile_in_place(model)
-        objective = TrainObjective(model, features, cfg.loss, cfg.tau, cfg.align_weight, sampler,
-                                   popularity + 1.0, cfg.in_batch_negatives,
-                                   cfg.gather_negatives and not cfg.shared_negatives, cfg.exact_chunk)
-        objective.fail_at_step = cfg.fail_at_step
+        objective = make_objective(cfg, model, features, sampler, popularity,
+                                   _word_drop_features(cfg, corpus, features, accelerator))
         trainable = [p for p in model.parameters() if p.requires_grad]  # frozen groups never reach Adam
         optimizer = torch.optim.AdamW(trainable or [torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr,
                                       weight_decay=cfg.weight_decay)
@@ -279,7 +320,9 @@ def run(cfg: PretrainConfig, stage: Stage) -> dict:
                 grad_norm = accelerator.clip_grad_norm_(objective.parameters(),
                                                         cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                rec, align, stopping = _reduce_step(accelerator, out, batch["n_global"], stop["signal"] > 0)
+                # the loss's own count of instances (UniSRec: sequences), else the batch's positions
+                n_global = int(out.get("n_global", batch["n_global"]))
+                rec, align, stopping = _reduce_step(accelerator, out, n_global, stop["signal"] > 0)
                 _check_finite(rec, align, grad_norm, progress.step + 1, deepspeed, cfg.grad_clip, run_dir)
                 epoch_of_batch = progress.epoch
                 optimizer.step()

@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from ant_dist.model.ant import EXPERT_FAMILIES
 from ant_dist.model.io import model_fix
 from ant_dist.model.irl import IRLConfig
 from ant_dist.model.sasrec import SASRecConfig
@@ -63,11 +64,11 @@ def adopt_architecture(cfg, explicit: Iterable[str]) -> Optional[dict]:
     ant = config.get("ant")
     if not isinstance(ant, dict):
         raise TrainError(f"{d / 'model_config.json'}: not an ANT model config (no 'ant'); {model_fix(d)}")
-    has_irl = "irl" in str(ant.get("item_source", "irl"))
+    has_irl = str(ant.get("item_source", "irl")) in EXPERT_FAMILIES
     model_values = {}
     for option, (part, name) in ARCHITECTURE.items():
         if part == "irl" and not has_irl:
-            continue  # an ID model has no experts: n_experts cannot differ from anything
+            continue  # a model without experts: n_experts cannot differ from anything
         try:
             # models saved before ffn_mult was an option had the width it defaulted to then
             model_values[option] = ant[part].get(name, 1) if option == "ffn_mult" else ant[part][name]

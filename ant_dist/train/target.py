@@ -8,7 +8,9 @@
 
 `item_repr` picks the item encoder: irl (ANT), id (a pure-ID SASRec) or irl+id (ANT_e: IRL plus
 an ID table over the target catalog; the table is always new, the target's items are new); fused
-(SASRec++) and nova (NOVA) are the multi-modal baselines, trained from scratch (model/side_info.py).
+(SASRec++) and nova (NOVA) are the multi-modal baselines, trained from scratch (model/side_info.py);
+text (UniSRec's text adaptor) and text+id (UniSRec_e) start from a `pretrain model=unisrec` model
+(model/unisrec.py), in every mode as ANT's item model does from an ANT one.
 The architecture (sizes, experts, layers, max_len) comes from the pre-trained model when one is
 given, so GB and ID-SASRec have exactly the capacity of the transferred models; training-time
 settings (dropouts, beta, gate noise, ablations) come from the run's config.
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from ant_dist.config import ConfigError, RelearnConfig, check_choices
 from ant_dist.methods import BASELINE_ITEM_REPRS, method_of
-from ant_dist.model.ant import ANT, ID_TABLE_SOURCES, ANTConfig
+from ant_dist.model.ant import ANT, EXPERT_FAMILIES, ID_TABLE_SOURCES, ANTConfig
 from ant_dist.model.io import load_model
 from ant_dist.model.irl import IRLConfig
 from ant_dist.model.sasrec import SASRecConfig
@@ -66,14 +68,17 @@ def check_target_config(cfg: RelearnConfig) -> None:
     if cfg.pretrained and not (Path(cfg.pretrained) / "model_config.json").is_file():
         problems.append(f"pretrained={cfg.pretrained}: not an exported model (no model_config.json); "
                         f"pre-training writes one to runs/<run>/model")
-    if cfg.mode == "zeroshot" and cfg.item_repr != "irl":
-        problems.append("mode=zeroshot needs item_repr=irl: a target ID table cannot exist before training")
+    if cfg.mode == "zeroshot" and cfg.item_repr not in ("irl", "text"):
+        problems.append("mode=zeroshot needs item_repr=irl (or text): a target ID table cannot exist before training")
+    if cfg.model != "ant":
+        problems.append(f"model={cfg.model} is a pre-training option; a target run's model is item_repr (text: "
+                        f"UniSRec) and its pre-trained start")
     try:
         names = ablation_names(cfg)
     except TrainError as exc:
         problems.append(str(exc))
         names = []
-    if names and cfg.item_repr in ("id", *BASELINE_ITEM_REPRS):
+    if names and cfg.item_repr not in ("irl", "irl+id"):
         problems.append(f"ablations switch parts of ANT's item model off; item_repr={cfg.item_repr} has none")
     if cfg.item_repr in BASELINE_ITEM_REPRS and cfg.mode != "scratch":
         problems.append(f"item_repr={cfg.item_repr} is a baseline trained from scratch (SASRec++ or NOVA): "
@@ -124,6 +129,12 @@ def build_target_model(cfg: RelearnConfig, features, corpus) -> ANT:
                           sasrec=sasrec))
     if cfg.mode == "scratch":
         return model
+    family = EXPERT_FAMILIES.get(pretrained.cfg.item_source)
+    if family is None or family != EXPERT_FAMILIES.get(cfg.item_repr):
+        wanted = {"irl": "pretrain model=ant", "text": "pretrain model=unisrec"}.get(EXPERT_FAMILIES.get(cfg.item_repr))
+        raise TrainError(f"{cfg.pretrained} was pre-trained with item_source={pretrained.cfg.item_source}, so mode="
+                         f"{cfg.mode} cannot start item_repr={cfg.item_repr} from it"
+                         + (f": use a model from `{wanted}`" if wanted else "; use mode=scratch"))
     weights = pretrained.state_dict()
     if cfg.mode == "relearn":
         # only the user model is transferred: the item model and positions are re-learned
@@ -134,9 +145,6 @@ def build_target_model(cfg: RelearnConfig, features, corpus) -> ANT:
         model.load_state_dict(keep, strict=False)
         model.reinit_for_relearning()
     else:
-        if pretrained.irl is None:
-            raise TrainError(f"{cfg.pretrained} has no item model (item_source={pretrained.cfg.item_source}); "
-                             f"mode={cfg.mode} needs a pre-trained IRL")
         keep = {k: v for k, v in weights.items() if not k.startswith("id_embedding.")}
         result = model.load_state_dict(keep, strict=False)
         unexpected = list(result.unexpected_keys)

@@ -1,0 +1,93 @@
+"""UniSRec's pre-training objective (model/unisrec.py) as ONE module forward, like TrainObjective:
+every parameter is reached inside `forward`, so DDP and DeepSpeed synchronise all of them.
+
+Instances: UniSRec trains on (prefix, next item) instances, RecBole's every-prefix augmentation.
+Each step, every sequence of the batch gives one instance: a prefix cut at a random position of
+its training part; over the epochs every prefix is drawn. The cut and the item drops come from
+the batch's `draws`, seeded by (seed, step, user) in the loader: the same on any number of
+processes, and replayed by a resumed run. The state at the cut attends to the prefix alone (causal
+attention), so it is the prefix's sequence representation.
+
+In-batch negatives are the GLOBAL batch's: each process gathers every process's item vectors
+and augmented-view states, with the gradient flowing back to their owners (losses.py's gather),
+and scales its loss sum by world / instances in the global batch, so 2 processes with B
+sequences each step exactly like 1 process with 2B.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ant_dist.features.catalog import BatchFeatures, CatalogFeatures
+from ant_dist.model.ant import ANT
+from ant_dist.model.unisrec import drop_items, in_batch_contrastive
+from ant_dist.train.losses import _gather_negatives
+from ant_dist.train.objective import world_size
+
+
+def _gather_columns(keys: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every process's (keys, ids), padded to the largest count with id -1; and where this process's
+    columns start. One process: the inputs as they are."""
+    if world_size() == 1:
+        return keys, ids, 0
+    n = torch.tensor([len(ids)], device=ids.device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    pad = int(n) - len(ids)
+    all_keys, all_ids = _gather_negatives(F.pad(keys, (0, 0, 0, pad)), F.pad(ids, (0, pad), value=-1),
+                                          full_gradient=True)
+    return all_keys, all_ids, dist.get_rank() * int(n)
+
+
+class UniSRecObjective(nn.Module):
+    def __init__(self, model: ANT, features: CatalogFeatures, word_drop: Optional[CatalogFeatures] = None,
+                 tau: float = 0.07, seq_seq_weight: float = 1e-3, item_drop: float = 0.2):
+        super().__init__()
+        if model.cfg.item_source != "text":
+            raise ValueError("the UniSRec objective trains a UniSRec model (item_source=text)")
+        self.model = model
+        self.features, self.word_drop = features, word_drop  # frozen data, never in the state dict
+        self.tau, self.seq_seq_weight, self.item_drop = tau, seq_seq_weight, item_drop
+        self.fail_at_step = 0
+        self.loss_path = "unisrec-in-batch" + ("+gathered" if world_size() > 1 else "")
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        rows = batch["rows"].to(device)
+        feats = batch["feats"] if "feats" in batch else self.features.gather_all(rows)
+        items = self.model.encode_items(rows, BatchFeatures(feats, rows, device))
+        # the augmented view's items: word-dropped texts when there is such a table, else the same
+        # texts through a second pass (its own dropout and gate noise, as UniSRec's second lookup)
+        aug_feats = self.word_drop.gather_all(rows) if self.word_drop is not None else feats
+        aug_items = self.model.encode_items(rows, BatchFeatures(aug_feats, rows, device))
+        inputs, targets, mask = batch["inputs"].to(device), batch["targets"].to(device), batch["mask"].to(device)
+
+        # one instance per sequence with a target: cut its training part at a random position
+        n_targets = (targets >= 0).sum(dim=1)
+        real = n_targets > 0
+        draws = batch["draws"].to(device)
+        cut = torch.minimum((draws[:, 0] * n_targets).long(), (n_targets - 1).clamp(min=0))
+        at = torch.arange(len(cut), device=device)
+        states = self.model.sequence_states(items, inputs, mask)[at, cut][real]
+        next_rows = targets[at, cut][real]
+        next_ids = rows[next_rows.clamp(min=0)]
+
+        aug_index, aug_len = drop_items(inputs, cut + 1, self.item_drop, draws[:, 1:])
+        aug_mask = torch.arange(inputs.shape[1], device=device).unsqueeze(0) < aug_len.unsqueeze(1)
+        aug_states = self.model.sequence_states(aug_items, aug_index, aug_mask)[at, (aug_len - 1).clamp(min=0)][real]
+
+        keys, key_ids, start = _gather_columns(items.embedding[next_rows], next_ids)
+        positive = start + torch.arange(len(states), device=device)
+        seq_item = in_batch_contrastive(states, keys, next_ids, key_ids, positive, self.tau).sum()
+        views, _, _ = _gather_columns(aug_states, next_ids)
+        seq_seq = in_batch_contrastive(states, views, next_ids, key_ids, positive, self.tau).sum()
+        if self.fail_at_step and batch["step"] + 1 == self.fail_at_step:
+            seq_item = seq_item * torch.tensor(float("nan"), device=device)
+        world, n_global = world_size(), max(int(batch["n_sequences"]), 1)
+        rec, ss = seq_item / n_global * world, seq_seq / n_global * world
+        return {"loss": rec + self.seq_seq_weight * ss, "rec_sum": seq_item.detach(), "align": ss.detach(),
+                "positions": torch.tensor(float(len(states)), device=device), "n_global": n_global}
