@@ -146,9 +146,28 @@ def _relearn(world, tmp_path, run, *extra):
     return subprocess.run(args, capture_output=True, text=True, timeout=600)
 
 
+def _embed_word_drop(world, out):
+    args = [sys.executable, "-m", "ant_dist.embed", f"shards={world / 'shards'}", f"out={out}", "domains=[Food,Home]",
+            f"text_encoder={world / 'bert'}", f"image_encoder={world / 'swin'}", "text_word_drop=0.3",
+            "batch_size=64", "num_workers=0", "progress=false"]
+    return subprocess.run(args, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_pretrain_then_every_unisrec_method(world, tmp_path):
-    res = _pretrain(world, "unisrec", "max_epochs=4")
+    wd = tmp_path / "features_worddrop"
+    res = _embed_word_drop(world, wd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    manifest = json.loads((wd / "Food" / "manifest.json").read_text())
+    assert manifest["text"]["word_drop"] == 0.3
+    plain, dropped = (np.load(root / "Food" / "text.npy").astype(np.float32) for root in (world / "features", wd))
+    changed = np.abs(plain - dropped).max(axis=1) > 1e-3
+    assert changed.mean() > 0.5  # (almost) every synthetic text has words enough to lose one
+
+    # a features root without word drop is refused before training
+    res = _pretrain(world, "unisrec-bad", f"word_drop_features={world / 'features'}")
+    assert res.returncode == 2 and "no word-drop text table" in res.stderr
+    res = _pretrain(world, "unisrec", "max_epochs=4", f"word_drop_features={wd}")
     assert res.returncode == 0, res.stderr[-3000:]
     run = world / "runs" / "unisrec"
     train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
