@@ -78,11 +78,13 @@ def test_in_batch_contrastive_by_hand():
 def test_drop_items_by_hand():
     index = torch.tensor([[5, 6, 7, 8, 0], [1, 2, 3, 4, 9]])
     u = torch.tensor([[0.0, 0.1, 0.9, 0.05, 0.0], [0.9, 0.9, 0.0, 0.9, 0.0]])
-    got, length = drop_items(index, torch.tensor([4, 3]), 0.2, u)
-    # row 0: the first item stays whatever its draw, 6 and 8 drop; row 1: 3 drops, 4 and 9 lie past the cut
+    got, length, last = drop_items(index, torch.tensor([4, 3]), 0.2, u)
+    # row 0: the first item stays whatever its draw, 6 and 8 drop; row 1: 3 drops, 4 and 9 lie past the end
     assert got.tolist() == [[5, 7, 0, 0, 0], [1, 2, 0, 0, 0]] and length.tolist() == [2, 2]
-    same, n = drop_items(index, torch.tensor([5, 5]), 0.0, u)
-    assert same.tolist() == index.tolist() and n.tolist() == [5, 5]
+    # the prefix ending at t keeps the view's items up to last[t]: row 0's prefix 5 6 7 -> 5 7
+    assert last[0, :4].tolist() == [0, 0, 1, 1] and last[1, :3].tolist() == [0, 1, 1]
+    same, n, last = drop_items(index, torch.tensor([5, 5]), 0.0, u)
+    assert same.tolist() == index.tolist() and n.tolist() == [5, 5] and last[0].tolist() == [0, 1, 2, 3, 4]
 
 
 def test_word_drop_is_seeded_and_never_empty():
@@ -100,35 +102,46 @@ def _prefix_state(model, bank, seq):
     return model.user_states(emb, torch.ones(1, len(seq), dtype=torch.bool))[0, -1]
 
 
-def test_objective_is_the_two_tasks_over_prefix_instances():
-    """One process, no dropout, item_drop 0: each sequence's instance is its prefix at the drawn cut,
-    L_SI by hand over the batch's next items, and L_SS with the augmented view equal to the original."""
+def test_objective_is_the_two_tasks_over_every_prefix():
+    """One process, no dropout: every prefix of every sequence is an instance, its state the state of
+    the prefix fed alone, L_SI by hand over all instances' next items, and L_SS against the state of
+    the prefix's item-drop view, also fed alone (the view built by hand from the draws)."""
     model, bank = _model(), _bank()
-    seqs = [[0, 1, 2, 3], [4, 3, 5], [1, 3, 0, 4, 5]]  # training parts: inputs seq[:-1], targets seq[1:]
+    seqs = [[0, 1, 2, 3], [4, 3, 5], [1, 3, 0, 4, 2]]  # training parts: inputs seq[:-1], targets seq[1:]
     rows = torch.arange(6)
     L = max(len(s) - 1 for s in seqs)
     inputs, targets = torch.zeros(3, L, dtype=torch.long), torch.full((3, L), -1)
     for i, s in enumerate(seqs):
         inputs[i, :len(s) - 1], targets[i, :len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
-    draws = torch.tensor([[0.6] + [0.5] * L, [0.1] + [0.5] * L, [0.99] + [0.5] * L], dtype=torch.float64)
-    cuts = [int(0.6 * 3), int(0.1 * 2), int(0.99 * 4)]  # floor(u x number of targets)
+    mask = targets >= 0
+    draws = torch.tensor([[0.9, 0.1, 0.9, 0.0], [0.0, 0.9, 0.0, 0.0], [0.9, 0.9, 0.05, 0.9]], dtype=torch.float64)
     feats = (bank.text, bank.image, bank.price_norm, torch.ones(6, dtype=torch.bool))
-    batch = {"rows": rows, "feats": feats, "inputs": inputs, "targets": targets, "mask": inputs.ne(0) | (targets >= 0),
-             "draws": draws, "n_sequences": 3, "step": 0}
-    objective = UniSRecObjective(model, None, None, tau=0.1, seq_seq_weight=0.5, item_drop=0.0)
+    batch = {"rows": rows, "feats": feats, "inputs": inputs, "targets": targets, "mask": mask, "draws": draws,
+             "n_global": int(mask.sum()), "step": 0}
+    objective = UniSRecObjective(model, None, None, tau=0.1, seq_seq_weight=0.5, item_drop=0.2)
     out = objective(batch)
 
-    with torch.no_grad():  # the reference
-        states = torch.stack([_prefix_state(model, bank, s[:c + 1]) for s, c in zip(seqs, cuts)])
-        nxt = [s[c + 1] for s, c in zip(seqs, cuts)]  # 2, 3, 5: all different, so no column is left out
+    with torch.no_grad():  # the reference: each prefix and its view fed alone
+        prefixes, views, nxt = [], [], []
+        for s, u in zip(seqs, draws.tolist()):
+            for t in range(len(s) - 1):
+                prefixes.append(s[:t + 1])
+                views.append([x for j, x in enumerate(s[:t + 1]) if j == 0 or u[j] >= 0.2])
+                nxt.append(s[t + 1])
+        assert views[1] == [0] and views[-1] == [1, 3, 4]  # drops at draws < 0.2, never the first item
+        states = torch.stack([_prefix_state(model, bank, p) for p in prefixes])
+        aug = torch.stack([_prefix_state(model, bank, v) for v in views])
         v = model.encode_items(torch.tensor(nxt), bank).embedding
-        sn, vn = states / states.norm(dim=1, keepdim=True), v / v.norm(dim=1, keepdim=True)
-        si = -torch.log_softmax(sn @ vn.T / 0.1, dim=1).diagonal().sum()
-        ss = -torch.log_softmax(sn @ sn.T / 0.1, dim=1).diagonal().sum()
-    assert nxt == [2, 3, 5]
+        sn, an, vn = (x / x.norm(dim=1, keepdim=True) for x in (states, aug, v))
+        # a column whose next item equals the row's (other than its own) is not a candidate
+        dup = (torch.tensor(nxt).unsqueeze(0) == torch.tensor(nxt).unsqueeze(1)) & ~torch.eye(len(nxt), dtype=torch.bool)
+        si = -torch.log_softmax((sn @ vn.T / 0.1).masked_fill(dup, float("-inf")), dim=1).diagonal().sum()
+        ss = -torch.log_softmax((sn @ an.T / 0.1).masked_fill(dup, float("-inf")), dim=1).diagonal().sum()
+    n = len(nxt)
+    assert n == 9 and dup.any()  # item 3 is the next item of two prefixes
     assert abs(float(out["rec_sum"]) - float(si)) < 1e-4
-    assert abs(float(out["align"]) - float(ss) / 3) < 1e-4
-    assert abs(float(out["loss"].detach()) - (float(si) + 0.5 * float(ss)) / 3) < 1e-4
+    assert abs(float(out["align"]) - float(ss) / n) < 1e-4
+    assert abs(float(out["loss"].detach()) - (float(si) + 0.5 * float(ss)) / n) < 1e-4
 
 
 # ----------------------------------------------------------------------------- end to end

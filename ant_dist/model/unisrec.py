@@ -10,8 +10,9 @@ or fusion term. Transductive fine-tuning (UniSRec_e, item_source "text+id") adds
 embedding to v_i. The user model is our SASRec, and items are scored by cos(s, v)/tau, as in
 UniSRec's code (temperature 0.07).
 
-Pre-training (eqs. 9-11 of the UniSRec paper): over a batch of B (sequence, next item)
-instances with normalised sequence states s_j and item vectors v_j,
+Pre-training (eqs. 9-11 of the UniSRec paper): over a batch of (prefix, next item) instances
+(every prefix of the batch's sequences, RecBole's augmentation) with normalised sequence states
+s_j and item vectors v_j,
     L_SI = -sum_j log exp(s_j.v_j/tau) / sum_j' exp(s_j.v_j'/tau)          (sequence-item)
     L_SS = -sum_j log exp(s_j.s~_j/tau) / sum_j' exp(s_j.s~_j'/tau)         (sequence-sequence)
     L = L_SI + lambda L_SS
@@ -66,17 +67,21 @@ def in_batch_contrastive(queries: torch.Tensor, keys: torch.Tensor, query_ids: t
 
 
 def drop_items(index: torch.Tensor, length: torch.Tensor, p: float,
-               uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """UniSRec's item-drop view of right-padded sequences: item t of a row (t < length) is dropped
     when uniforms[row, t] < p, except the first, which is always kept; the kept ones move left in
     order. index (B, L) item indices; length (B,) >= 1; uniforms (B, >= L) draws in [0, 1).
-    Returns (index', length'), padded with index 0."""
+
+    Returns (index', length', last): the view padded with index 0, its lengths, and for every
+    position t the view's position of the last kept item at or before t. The view of a prefix
+    ending at t is the view's prefix ending at last[t] (the drops are per item), so under causal
+    attention one pass over the view gives the states of every prefix's view."""
     b, l = index.shape
     pos = torch.arange(l, device=index.device).unsqueeze(0)
     real = pos < length.unsqueeze(1)
     keep = real & ((uniforms[:, :l].to(index.device) >= p) | (pos == 0))
-    new_pos = torch.cumsum(keep.long(), dim=1) - 1
+    last = torch.cumsum(keep.long(), dim=1) - 1
     out = torch.zeros_like(index)
     rows = torch.arange(b, device=index.device).unsqueeze(1).expand(b, l)
-    out[rows[keep], new_pos[keep]] = index[keep]
-    return out, keep.sum(dim=1)
+    out[rows[keep], last[keep]] = index[keep]
+    return out, keep.sum(dim=1), last

@@ -167,8 +167,8 @@ class EpochBatches(torch.utils.data.Dataset):
     A batch: `inputs`/`targets` (b, L) as indices into `rows` (the batch's distinct catalog
     rows, sorted; targets -1 where there is no loss), `mask` (b, L) real input items,
     `negatives` (K,) catalog rows, `n_global` loss positions in the whole global batch (for the
-    loss scale; `n_sequences` its sequences, UniSRec's instances), `users` (b,) global user ids, `step`; and, with memory-mapped features, the
-    rows' features (`feats`); with `draws`, (b, 1 + L) uniforms per sequence.
+    loss scale), `users` (b,) global user ids, `step`; and, with memory-mapped features, the
+    rows' features (`feats`); with `draws`, (b, L) uniforms per sequence.
     """
 
     def __init__(self, corpus: Corpus, order: np.ndarray, bounds: list[tuple[int, int]], first_step: int,
@@ -179,7 +179,7 @@ class EpochBatches(torch.utils.data.Dataset):
         self.rank, self.world, self.max_len, self.seed = rank, world, max_len, seed
         self.n_negatives, self.neg_probs, self.shared_negatives = n_negatives, neg_probs, shared_negatives
         self.features = features  # CatalogFeatures in mmap mode, else None
-        self.draws = draws  # per-sequence uniforms (UniSRec's cut and item drops)
+        self.draws = draws  # per-sequence uniforms (UniSRec's item drops)
         self.positions = np.zeros(corpus.n_users, dtype=np.int64)
         self.positions[corpus.train_users] = corpus.train_positions(max_len)
 
@@ -216,13 +216,13 @@ class EpochBatches(torch.utils.data.Dataset):
                 tgt[i, :len(y)] = np.searchsorted(rows, y)
         batch = {"inputs": torch.from_numpy(inp), "targets": torch.from_numpy(tgt), "mask": torch.from_numpy(mask),
                  "rows": torch.from_numpy(rows), "negatives": torch.from_numpy(negatives),
-                 "n_global": int(self.positions[users_global].sum()), "n_sequences": hi - lo,
+                 "n_global": int(self.positions[users_global].sum()),
                  "users": torch.from_numpy(users[:real].astype(np.int64)), "step": step}
         if self.features is not None:
             batch["feats"] = self.features.gather_numpy(rows)
         if self.draws:  # seeded by the user, not the process: any process count draws the same
             batch["draws"] = torch.from_numpy(np.stack([
-                np.random.default_rng([self.seed, step, int(u), 0xD4A3]).random(1 + length) for u in users]))
+                np.random.default_rng([self.seed, step, int(u), 0xD4A3]).random(length) for u in users]))
         return batch
 
 

@@ -320,9 +320,7 @@ def run(cfg: PretrainConfig, stage: Stage) -> dict:
                 grad_norm = accelerator.clip_grad_norm_(objective.parameters(),
                                                         cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                # the loss's own count of instances (UniSRec: sequences), else the batch's positions
-                n_global = int(out.get("n_global", batch["n_global"]))
-                rec, align, stopping = _reduce_step(accelerator, out, n_global, stop["signal"] > 0)
+                rec, align, stopping = _reduce_step(accelerator, out, batch["n_global"], stop["signal"] > 0)
                 _check_finite(rec, align, grad_norm, progress.step + 1, deepspeed, cfg.grad_clip, run_dir)
                 epoch_of_batch = progress.epoch
                 optimizer.step()

@@ -1,12 +1,14 @@
 """UniSRec's pre-training objective (model/unisrec.py) as ONE module forward, like TrainObjective:
 every parameter is reached inside `forward`, so DDP and DeepSpeed synchronise all of them.
 
-Instances: UniSRec trains on (prefix, next item) instances, RecBole's every-prefix augmentation.
-Each step, every sequence of the batch gives one instance: a prefix cut at a random position of
-its training part; over the epochs every prefix is drawn. The cut and the item drops come from
-the batch's `draws`, seeded by (seed, step, user) in the loader: the same on any number of
-processes, and replayed by a resumed run. The state at the cut attends to the prefix alone (causal
-attention), so it is the prefix's sequence representation.
+Instances: UniSRec trains on (prefix, next item) instances, every prefix of every sequence
+(RecBole's augmentation), so an epoch here is an epoch there. One pass over a batch's sequences
+gives every prefix's state at once (causal attention: the state at position t sees the prefix
+ending at t), and one pass over the sequences' item-drop views gives every prefix's view
+(model/unisrec.py `drop_items`). The drops come from the batch's `draws`, seeded by
+(seed, step, user) in the loader: the same on any number of processes, and replayed by a resumed
+run. The in-batch columns are every position of the global batch, so the logits are n x n for n
+loss positions per process against all processes' (2,048 sequences of 9 items: 18k x 18k).
 
 In-batch negatives are the GLOBAL batch's: each process gathers every process's item vectors
 and augmented-view states, with the gradient flowing back to their owners (losses.py's gather),
@@ -66,19 +68,14 @@ class UniSRecObjective(nn.Module):
         aug_items = self.model.encode_items(rows, BatchFeatures(aug_feats, rows, device))
         inputs, targets, mask = batch["inputs"].to(device), batch["targets"].to(device), batch["mask"].to(device)
 
-        # one instance per sequence with a target: cut its training part at a random position
-        n_targets = (targets >= 0).sum(dim=1)
-        real = n_targets > 0
-        draws = batch["draws"].to(device)
-        cut = torch.minimum((draws[:, 0] * n_targets).long(), (n_targets - 1).clamp(min=0))
-        at = torch.arange(len(cut), device=device)
-        states = self.model.sequence_states(items, inputs, mask)[at, cut][real]
-        next_rows = targets[at, cut][real]
-        next_ids = rows[next_rows.clamp(min=0)]
-
-        aug_index, aug_len = drop_items(inputs, cut + 1, self.item_drop, draws[:, 1:])
+        at = targets >= 0  # every prefix with a next item is an instance
+        states = self.model.sequence_states(items, inputs, mask)[at]
+        next_rows = targets[at]
+        next_ids = rows[next_rows]
+        aug_index, aug_len, last = drop_items(inputs, mask.sum(dim=1), self.item_drop, batch["draws"])
         aug_mask = torch.arange(inputs.shape[1], device=device).unsqueeze(0) < aug_len.unsqueeze(1)
-        aug_states = self.model.sequence_states(aug_items, aug_index, aug_mask)[at, (aug_len - 1).clamp(min=0)][real]
+        aug_all = self.model.sequence_states(aug_items, aug_index, aug_mask)
+        aug_states = aug_all[torch.arange(len(last), device=device).unsqueeze(1), last][at]
 
         keys, key_ids, start = _gather_columns(items.embedding[next_rows], next_ids)
         positive = start + torch.arange(len(states), device=device)
@@ -87,7 +84,7 @@ class UniSRecObjective(nn.Module):
         seq_seq = in_batch_contrastive(states, views, next_ids, key_ids, positive, self.tau).sum()
         if self.fail_at_step and batch["step"] + 1 == self.fail_at_step:
             seq_item = seq_item * torch.tensor(float("nan"), device=device)
-        world, n_global = world_size(), max(int(batch["n_sequences"]), 1)
+        world, n_global = world_size(), max(int(batch["n_global"]), 1)
         rec, ss = seq_item / n_global * world, seq_seq / n_global * world
         return {"loss": rec + self.seq_seq_weight * ss, "rec_sum": seq_item.detach(), "align": ss.detach(),
-                "positions": torch.tensor(float(len(states)), device=device), "n_global": n_global}
+                "positions": torch.tensor(float(len(states)), device=device)}
