@@ -351,6 +351,11 @@ class ReproduceConfig:
                         "label of method_options")
     method_options: dict = opt({}, "extra methods: label -> relearn options, e.g. {'ReL -T': [mode=relearn, "
                                "'ablate=[T]']}")
+    unisrec_pretrain: dict = opt({}, "ant_dist.pretrain options of UniSRec's pre-training over `pretrain` (runs when "
+                                 "a UniSRec method is in `methods`; model=unisrec is set), e.g. {lr: 1e-3}")
+    unisrec_word_drop: float = opt(0.15, "UniSRec's word drop: the auxiliary domains are embedded again with this "
+                                   "text_word_drop into <work_dir>/features_worddrop (0: no such table; the "
+                                   "sequence-sequence view drops items only)")
     seeds: list = opt([0, 1, 2], "re-learning seeds (and the baselines': the same seeds pair their users)")
     select_metric: str = opt("recall@10", "validation metric that selects the epoch and the grid point")
     baselines: list = opt(list(RECBOLE_BASELINES), "RecBole baselines of Table II, each run on every target x seed "

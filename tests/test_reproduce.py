@@ -21,7 +21,7 @@ import yaml
 from test_slurm import _wait_job_done, cluster, slurm  # noqa: F401  (cluster: a fixture)
 
 from ant_dist.config import ConfigError, ReproduceConfig
-from ant_dist.methods import RECBOLE_BASELINES
+from ant_dist.methods import PRETRAINED_MODEL, RECBOLE_BASELINES
 from ant_dist.pipeline.plan import build_plan, grid_points
 from ant_dist.pipeline.selection import report_inputs, select_runs
 
@@ -37,7 +37,8 @@ TABLE_A1 = {"Scientific": [(300, 3e-3), (128, 1e-3), (128, 1e-2), (64, 3e-3), (3
             "Office": [(128, 1e-3), (300, 3e-4), (300, 3e-4), (128, 1e-3), (300, 3e-3)]}
 METHOD_MODES = {"GB": ("scratch", "irl"), "FT": ("finetune", "irl"), "ReL": ("relearn", "irl"),
                 "ANT_e": ("relearn", "irl+id"), "ID-SASRec": ("scratch", "id"), "SASRec++": ("scratch", "fused"),
-                "NOVA": ("scratch", "nova")}
+                "NOVA": ("scratch", "nova"), "UniSRec-GB": ("scratch", "text"), "UniSRec": ("finetune", "text"),
+                "UniSRec-ReL": ("relearn", "text"), "UniSRec_e": ("finetune", "text+id")}
 ENV_KEYS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false"}
 
@@ -124,6 +125,9 @@ def test_dry_run_prints_every_job_its_dependencies_and_the_array_size(path):
     if not n_baselines:
         del expected["baselines"]
         expected["report"] = (1, "select")
+    if any(PRETRAINED_MODEL.get(m) == "unisrec" for m in spec["methods"]):  # UniSRec's own pre-training
+        expected.update(embed_worddrop=(1, "pack"), pretrain_unisrec=(1, "embed,embed_worddrop"),
+                        relearn=(n_relearn, "pretrain,pretrain_unisrec"))
     assert table_rows(res.stdout) == expected
     # every (target, baseline, seed) once, with the config's options for that target and baseline
     assert check_baseline_lines(res.stdout, spec) == set(itertools.product(spec["targets"], labels, spec["seeds"]))
@@ -144,7 +148,8 @@ def test_dry_run_prints_every_job_its_dependencies_and_the_array_size(path):
         else:
             assert all(command_options(f"x: {shlex.join(options)}")[k] == o[k] for k in command_options(
                 f"x: {shlex.join(options)}"))
-        assert o["pretrained"].endswith("runs/pretrain/model") and o["select_metric"] == spec["select_metric"]
+        model = "pretrain_unisrec" if PRETRAINED_MODEL.get(method) == "unisrec" else "pretrain"
+        assert o["pretrained"].endswith(f"runs/{model}/model") and o["select_metric"] == spec["select_metric"]
         seen.add((o["domain"], method, tuple(float(o[k]) for k in grid), int(o["seed"])))
     combos = itertools.product(spec["targets"], spec["methods"], itertools.product(*grid.values()), spec["seeds"])
     assert seen == {(t, m, tuple(float(v) for v in p), s) for t, m, p, s in combos}
@@ -198,7 +203,7 @@ def test_targets_and_seeds_flags_shrink_the_array():
                     "--seeds", "4")
     assert res.returncode == 0, res.stderr
     rows = table_rows(res.stdout)
-    assert rows["relearn"] == (2 * 7 * 4 * 1, "pretrain")
+    assert rows["relearn"] == (2 * 11 * 4 * 1, "pretrain,pretrain_unisrec")
     assert rows["baselines"] == (2 * 5 * 1, "embed")
     assert rows["fetch"][0] == 4 + 2  # the auxiliary domains and the two targets
     assert "seed=4" in res.stdout and "seed=0" not in res.stdout
@@ -439,12 +444,18 @@ def test_emit_slurm_writes_the_stage_table_and_the_distributed_stages_arguments(
     assert [(r[0], r[1], int(r[2]), r[3], r[4]) for r in rows] == [
         ("fetch", "task", 9, "-", "0"), ("pack", "task", 9, "fetch", "0"), ("embed", "embed", 1, "pack", "0"),
         ("baselines", "task", 5 * 5, "embed", "0"), ("pretrain", "pretrain", 1, "embed", "0"),
-        ("relearn", "task", 5 * 7 * 4, "pretrain", "0"), ("select", "task", 1, "relearn", "0"),
+        ("embed_worddrop", "embed", 1, "pack", "0"), ("pretrain_unisrec", "pretrain", 1, "embed,embed_worddrop", "0"),
+        ("relearn", "task", 5 * 11 * 4, "pretrain,pretrain_unisrec", "0"), ("select", "task", 1, "relearn", "0"),
         ("report", "task", 1, "select,baselines", "0")]
     assert rows[3][5:] == ["1", "1", "1", "8", "32G", "04:00:00", "-"]  # resources.baselines: one GPU per run
     pretrain_args = (tmp_path / "plan" / "pretrain.args").read_text().splitlines()
     assert "domains=[Food,Movies,Home,Clothing]" in pretrain_args and "loss=exact" in pretrain_args
     assert (tmp_path / "plan" / "pretrain.config").read_text().strip().endswith("configs/pretrain.yaml")
+    unisrec_args = (tmp_path / "plan" / "pretrain_unisrec.args").read_text().splitlines()
+    assert unisrec_args[-2:] == ["model=unisrec", f"word_drop_features={tmp_path / 'w' / 'features_worddrop'}"]
+    assert "run_name=pretrain_unisrec" in unisrec_args and "domains=[Food,Movies,Home,Clothing]" in unisrec_args
+    worddrop_args = (tmp_path / "plan" / "embed_worddrop.args").read_text().splitlines()
+    assert worddrop_args[-1] == "text_word_drop=0.15" and f"out={tmp_path / 'w' / 'features_worddrop'}" in worddrop_args
     config = yaml.safe_load((tmp_path / "plan" / "config.yaml").read_text())
     assert config["seeds"] == [0] and config["work_dir"] == str(tmp_path / "w")
 

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ant_dist.config import BaselinesConfig, ConfigError, RelearnConfig, ReproduceConfig, load_config
-from ant_dist.methods import METHODS, RECBOLE_BASELINES, method_options
+from ant_dist.methods import METHODS, PRETRAINED_MODEL, RECBOLE_BASELINES, method_options
 from ant_dist.runtime.atomic import atomic_path
 
 REPO = Path(__file__).resolve().parents[2]  # ant_dist/pipeline/plan.py -> the repository
 
-STAGES = ("fetch", "pack", "embed", "baselines", "pretrain", "relearn", "select", "report")
+STAGES = ("fetch", "pack", "embed", "embed_worddrop", "baselines", "pretrain", "pretrain_unisrec", "relearn", "select",
+          "report")
 RESOURCE_KEYS = ("nodes", "gpus", "processes", "cpus", "mem", "time", "partition", "est_hours", "est_disk_gb")
 # Small defaults: a config for a real cluster sets its own (configs/paper/ant.yaml).
 DEFAULT_RESOURCES = {s: {"nodes": 1, "gpus": 0, "processes": 1, "cpus": 1, "mem": "", "time": "", "partition": "",
@@ -32,7 +33,8 @@ DEFAULT_RESOURCES = {s: {"nodes": 1, "gpus": 0, "processes": 1, "cpus": 1, "mem"
 RESERVED = {"fetch_options": {"format", "meta", "images"},
             "pack": {"domain", "meta", "interactions", "images", "out", "format"},
             "embed": {"shards", "out", "domains"},
-            "pretrain": {"shards", "features", "out", "run_name", "domains"},
+            "pretrain": {"shards", "features", "out", "run_name", "domains", "model"},
+            "unisrec_pretrain": {"shards", "features", "out", "run_name", "domains", "model", "word_drop_features"},
             "relearn": {"shards", "features", "out", "run_name", "domain", "domains", "pretrained", "seed",
                         "select_metric", "mode", "item_repr"},
             "baselines": {"domain", "shards", "features", "out", "run_name", "seed", "select_metric", "model",
@@ -83,7 +85,9 @@ def check_config(cfg: ReproduceConfig) -> None:
         raise ConfigError(f"methods and seeds must be non-empty (seeds: integers), got {cfg.methods}, {cfg.seeds}")
     if not re.fullmatch(r"(recall|ndcg)@(10|20|50)", cfg.select_metric):
         raise ConfigError(f"select_metric: recall@K or ndcg@K with K in 10, 20, 50, got {cfg.select_metric!r}")
-    for section in ("fetch_options", "pack", "embed", "pretrain", "relearn"):
+    if not 0 <= cfg.unisrec_word_drop < 1:
+        raise ConfigError(f"unisrec_word_drop must be in [0, 1), got {cfg.unisrec_word_drop}")
+    for section in ("fetch_options", "pack", "embed", "pretrain", "unisrec_pretrain", "relearn"):
         clash = sorted(set(getattr(cfg, section)) & RESERVED[section])
         if clash:
             raise ConfigError(f"{section}: {clash} are set by the pipeline itself (from domains, targets, methods, "
@@ -166,6 +170,8 @@ def layout(cfg: ReproduceConfig) -> dict:
     report = Path(cfg.report_dir) if cfg.report_dir else work / "report"
     return {"work": work, "images": work / "images", "shards": work / "shards", "features": work / "features",
             "runs": work / "runs", "pretrained": work / "runs" / "pretrain" / "model", "report": report,
+            "pretrained_unisrec": work / "runs" / "pretrain_unisrec" / "model",
+            "features_worddrop": work / "features_worddrop",
             "selection": report / "selection.json", "timings": work / "timings.jsonl"}
 
 
@@ -324,6 +330,9 @@ def build_plan(cfg: ReproduceConfig) -> list:
             f"domains={format_value(list(cfg.aux_domains))}", *overrides(cfg.pretrain)]
     stages.append(Stage("pretrain", [Task("pretrain", argv, done_files=[f"{paths['pretrained']}/model_config.json"])],
                         ["embed"], resources(cfg, "pretrain"), launch="pretrain"))
+    unisrec = any(PRETRAINED_MODEL.get(_method_label(cfg, m)) == "unisrec" for m in cfg.methods)
+    if unisrec:
+        stages += _unisrec_stages(cfg, paths, argv)
     fixed = {k: v for k, v in cfg.relearn.items() if k not in dict(grid_axes(cfg.relearn))}
     tasks = []
     for run in relearn_runs(cfg):
@@ -331,14 +340,16 @@ def build_plan(cfg: ReproduceConfig) -> list:
                        else method_options(run["method"]))
         if run["method"] not in METHODS:  # the report groups runs by this label
             method_opts = [f"method={run['method']}", *method_opts]
+        pretrained = paths["pretrained_unisrec" if PRETRAINED_MODEL.get(_method_label(cfg, run["method"])) else
+                           "pretrained"]
         argv = [py, "-m", "ant_dist.relearn", "--config", _path(cfg.relearn_config, REPO), *overrides(fixed),
                 *overrides(run["point"]), *method_opts, f"shards={paths['shards']}", f"features={paths['features']}",
-                f"out={paths['runs']}", f"run_name={run['run_name']}", f"pretrained={paths['pretrained']}",
+                f"out={paths['runs']}", f"run_name={run['run_name']}", f"pretrained={pretrained}",
                 f"domain={run['target']}", f"seed={run['seed']}", f"select_metric={cfg.select_metric}"]
         label = f"relearn {run['target']} {run['method']} seed {run['seed']} {point_tag(run['point'])}"
         tasks.append(Task(label, argv, done_files=[f"{paths['runs']}/{run['run_name']}/metrics.json"],
                           info={**run, "run_dir": str(paths["runs"] / run["run_name"])}))
-    stages.append(Stage("relearn", tasks, ["pretrain"], resources(cfg, "relearn"),
+    stages.append(Stage("relearn", tasks, ["pretrain"] + ["pretrain_unisrec"] * unisrec, resources(cfg, "relearn"),
                         note=relearn_note(cfg)))
     stages.append(Stage("select", [Task("select", [], action="select")], ["relearn"], resources(cfg, "select"),
                         note=f"per target x method x seed, the grid point with the best validation "
@@ -352,6 +363,34 @@ def build_plan(cfg: ReproduceConfig) -> list:
                         note=f"the runs selected in {paths['selection']}" + (
                             f" and the baseline runs ({paths['runs'] / 'baselines'}/<target>/<baseline>/seed<S>)"
                             if n_baselines else "")))
+    return stages
+
+
+def _method_label(cfg: ReproduceConfig, method: str) -> str:
+    """The methods-table label a configured method runs as (a method_options entry: its own name)."""
+    return method if method in METHODS else ""
+
+
+def _unisrec_stages(cfg: ReproduceConfig, paths: dict, pretrain_argv: list) -> list:
+    """UniSRec's pre-training over the auxiliary domains (after its word-drop embedding, when wanted),
+    for the UniSRec methods (methods.PRETRAINED_MODEL): pretrain's command with model=unisrec."""
+    stages, after = [], ["embed"]
+    options = ["model=unisrec"]
+    if cfg.unisrec_word_drop > 0:
+        aux = list(cfg.aux_domains)
+        argv = [pretrain_argv[0], "-m", "ant_dist.embed", "--config", _path(cfg.embed_config, REPO),
+                f"shards={paths['shards']}", f"out={paths['features_worddrop']}", f"domains={format_value(aux)}",
+                *overrides(cfg.embed), f"text_word_drop={cfg.unisrec_word_drop}"]
+        stages.append(Stage("embed_worddrop", [Task("embed_worddrop", argv, done_tables=[
+            str(paths["features_worddrop"] / d) for d in aux])], ["pack"], resources(cfg, "embed_worddrop"),
+            launch="embed", note="UniSRec's word-drop text table of the auxiliary domains"))
+        after.append("embed_worddrop")
+        options.append(f"word_drop_features={paths['features_worddrop']}")
+    argv = ["run_name=pretrain_unisrec" if a == "run_name=pretrain" else a for a in pretrain_argv]
+    argv += [*overrides(cfg.unisrec_pretrain), *options]
+    stages.append(Stage("pretrain_unisrec", [Task("pretrain_unisrec", argv, done_files=[
+        f"{paths['pretrained_unisrec']}/model_config.json"])], after, resources(cfg, "pretrain_unisrec"),
+        launch="pretrain", note="UniSRec's pre-training (model=unisrec) for the UniSRec methods"))
     return stages
 
 
