@@ -108,7 +108,9 @@ def show_argv(argv: list) -> str:
 def print_plan(cfg: ReproduceConfig, stages: list, config_name: str) -> None:
     n_jobs = sum(len(s.tasks) for s in stages)
     print(f"plan for {config_name}: {len(stages)} stages, {n_jobs} jobs, working folder {cfg.work_dir}")
-    print(f"{'stage':9s} {'jobs':>5s}  {'after':16s} {'slurm job':37s} {'resources per job':34s} "
+    width = max(len(s.name) for s in stages)  # embed_worddrop, pretrain_unisrec
+    after_width = max(16, *(len(",".join(s.after)) for s in stages))
+    print(f"{'stage':{width}s} {'jobs':>5s}  {'after':{after_width}s} {'slurm job':37s} {'resources per job':34s} "
           f"{'est. h/job':>10s} {'GPU-h':>8s} {'disk GB':>8s}")
     gpu_h = disk = 0.0
     finish: dict = {}  # per stage: hours from the start until it ends, all of an array's jobs at once
@@ -121,7 +123,7 @@ def print_plan(cfg: ReproduceConfig, stages: list, config_name: str) -> None:
         gpu_h += stage_gpu_h
         finish[s.name] = float(r["est_hours"]) + max((finish.get(a, 0.0) for a in s.after), default=0.0)
         disk += float(r["est_disk_gb"])
-        print(f"{s.name:9s} {len(s.tasks):5d}  {','.join(s.after) or '-':16s} {shape + ' ' + kind:37s} {res:34s} "
+        print(f"{s.name:{width}s} {len(s.tasks):5d}  {','.join(s.after) or '-':{after_width}s} {shape + ' ' + kind:37s} {res:34s} "
               f"{float(r['est_hours']):10.2f} {stage_gpu_h:8.1f} {float(r['est_disk_gb']):8.1f}")
     path_h = max(finish.values(), default=0.0)  # the longest chain of dependencies
     for name in ("baselines", "relearn"):
