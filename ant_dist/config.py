@@ -215,8 +215,9 @@ class RelearnConfig(PretrainConfig):
                     "(the same architecture trained on the target only) | zeroshot (evaluate, no training)", choices=MODES)
     item_repr: str = opt("irl", "irl (ANT) | id (pure-ID SASRec) | irl+id (ANT_e: IRL plus a target ID table) | "
                          "fused (SASRec++) | nova (NOVA): these two with mode=scratch | text (UniSRec's text "
-                         "adaptor) | text+id (UniSRec_e: plus a target ID table); a pre-trained start must be "
-                         "of the same family (pretrain model=ant for irl*, model=unisrec for text*)",
+                         "adaptor) | text+id (UniSRec_e: plus a target ID table); finetune and zeroshot "
+                         "start from a model of the same family (pretrain model=ant for irl*, model=unisrec for "
+                         "text*)",
                          choices=ITEM_REPRS)
     score: str = opt("", "how a user state scores an item: cos (cos/tau, the ANT paper) | dot (SASRec's dot "
                      "product, tau unused) | empty: the method's paper (dot for item_repr=id, fused, nova, cos "

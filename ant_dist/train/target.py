@@ -130,7 +130,9 @@ def build_target_model(cfg: RelearnConfig, features, corpus) -> ANT:
     if cfg.mode == "scratch":
         return model
     family = EXPERT_FAMILIES.get(pretrained.cfg.item_source)
-    if family is None or family != EXPERT_FAMILIES.get(cfg.item_repr):
+    # relearn transfers only the user model, so any item model can be re-learned on it; the other modes
+    # start from the pre-trained item model, which must be the run's kind
+    if cfg.mode != "relearn" and (family is None or family != EXPERT_FAMILIES.get(cfg.item_repr)):
         wanted = {"irl": "pretrain model=ant", "text": "pretrain model=unisrec"}.get(EXPERT_FAMILIES.get(cfg.item_repr))
         raise TrainError(f"{cfg.pretrained} was pre-trained with item_source={pretrained.cfg.item_source}, so mode="
                          f"{cfg.mode} cannot start item_repr={cfg.item_repr} from it"
