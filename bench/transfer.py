@@ -2,20 +2,27 @@
 
     .venv/bin/python bench/transfer.py [--work bench/.work/transfer] [--pretrain-seeds 0,1,2]
                                        [--fractions 0.1,0.25,1] [--parallel 2] [--pretrain-steps 1000]
+                                       [--worlds shift0,shift1,merge1] [--methods GB,FT,ReL,...]
 
 One synthetic world (the demo's: 4 auxiliary domains of 2,000 items and 3,000 users), with two
-target domains of 1,000 users drawn twice from the same seed: at target_render_shift 0 (targets
-render the shared styles like the auxiliary domains) and at 1 (every style looks like another
-one in the targets: an aux-trained item model misleads; docs/synthetic.md). The auxiliary
-domains are identical in both, so one pre-training per seed serves both shifts.
+target domains of 1,000 users drawn three times from the same seed: at target_render_shift 0
+(targets render the shared styles like the auxiliary domains), at shift 1 (every style looks
+like another one in the targets: an aux-trained item model misleads) and at
+target_render_merge 1 (styles merged in pairs that look alike in the targets only: an
+aux-trained item model is confidently wrong; docs/synthetic.md). The auxiliary domains are
+identical in all three, so one pre-training per seed (ANT's, and UniSRec's `model=unisrec`)
+serves every world.
 
 For each target, each fraction of its users trained on (all users are validated and tested),
-and each method: GB, FT, ReL, ANT_e, ID-SASRec (3 seeds; the transfer methods over 3
-pre-training seeds) and zero-shot. Every run is `python -m ant_dist.relearn` with the demo's
-target settings; finished runs are skipped on a rerun. The report (`ant_dist.report`) gives the
-tables and paired t-tests; this script adds the issue's checks and a plot:
+and each method: GB, FT, ReL, ANT_e, ID-SASRec, UniSRec-GB, UniSRec, UniSRec-ReL (3 seeds; the
+transfer methods over 3 pre-training seeds) and zero-shot. Every run is `python -m
+ant_dist.relearn` with the demo's target settings (patience 200 steps); finished runs are
+skipped on a rerun. The report (`ant_dist.report`) gives the tables, Table III and the paired
+t-tests; this script adds the issue's checks and a plot:
 - shift 0, 10 % of users: the better of FT and ReL beats GB with p < 0.05 on both targets;
-- shift 1: ReL >= GB at every fraction; and whether ReL > FT (the paper's claim).
+- shift 1: ReL >= GB at every fraction; and whether ReL > FT (the paper's claim);
+- merge 1, 25 % of users: FT < GB with p < 0.05 (negative transfer) and ReL >= GB, and what
+  UniSRec's FT and ReL do there.
 Results: bench/results/transfer.json, docs/img/transfer.png, the report under <work>/report/.
 """
 
@@ -35,64 +42,90 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ant_dist.config import SynthConfig  # noqa: E402
+from ant_dist.methods import PRETRAINED_MODEL  # noqa: E402
 from ant_dist.pipeline.demo import DEMO_PRETRAIN, relearn_command  # noqa: E402
 from ant_dist.pipeline.launcher import launch_command  # noqa: E402
 
 TARGETS = ("Scientific", "Office")
 SHIFTED = {t: f"{t}_s1" for t in TARGETS}  # the shift-1 copies of the targets
-TRANSFER = ("FT", "ReL", "ANT_e")
-FROM_SCRATCH = ("GB", "ID-SASRec")
+MERGED = {t: f"{t}_m1" for t in TARGETS}   # the merge-1 copies
+WORLDS = {"shift0": {t: t for t in TARGETS}, "shift1": SHIFTED, "merge1": MERGED}
+SYNTH = {"shift0": {}, "shift1": {"target_render_shift": 1.0}, "merge1": {"target_render_merge": 1.0}}
+TRANSFER = ("FT", "ReL", "ANT_e", "UniSRec", "UniSRec-ReL")
+FROM_SCRATCH = ("GB", "ID-SASRec", "UniSRec-GB")
+METHODS = (*FROM_SCRATCH, *TRANSFER)
 # validate every 5 steps, whatever the fraction: per epoch, a 10 % run (one step per epoch) would
 # spend most of its time validating 600 users
 RUN_OPTIONS = ["eval_every=5", "tracker=none", "progress=false"]
 
 
+def world_of(target: str) -> str:
+    return next(w for w, names in WORLDS.items() if target in names.values())
+
+
 def build_data(work: Path, target_users: int) -> None:
+    from ant_dist.config import EmbedConfig
     from ant_dist.data.synth import synthesize
+    from ant_dist.features.embedding import run as run_embed
     from ant_dist.features.encoders import minilm_path, save_random_swin
     from ant_dist.pipeline.world import embed_world, pack_manifest
 
     if (work / "features" / ".done").is_file():
         return
     common = dict(seed=0, target_users_per_domain=target_users, progress=False, workers=2)
-    worlds = [synthesize(SynthConfig(out=str(work / "raw0"), target_domains=list(TARGETS), **common)),
-              synthesize(SynthConfig(out=str(work / "raw1"), target_domains=[SHIFTED[t] for t in TARGETS],
-                                     target_render_shift=1.0, **common))]
-    for a, b in zip(worlds[0]["aux"], worlds[1]["aux"]):  # one pre-training serves both shifts
-        assert Path(a["interactions"]).read_bytes() == Path(b["interactions"]).read_bytes(), a["name"]
+    worlds = {w: synthesize(SynthConfig(out=str(work / f"raw_{w}"), target_domains=list(WORLDS[w].values()),
+                                        **SYNTH[w], **common)) for w in WORLDS}
+    first = worlds["shift0"]
+    for w in worlds.values():  # one pre-training serves every world
+        for a, b in zip(first["aux"], w["aux"]):
+            assert Path(a["interactions"]).read_bytes() == Path(b["interactions"]).read_bytes(), a["name"]
     options = {"workers": 2, "shard_max_items": 500, "progress": False}
-    pack_manifest(worlds[0], work / "shards", **options)
-    pack_manifest(worlds[1], work / "shards", roles=("target",), **options)
+    pack_manifest(first, work / "shards", **options)
+    for w in ("shift1", "merge1"):
+        pack_manifest(worlds[w], work / "shards", roles=("target",), **options)
     swin = work / "encoders" / "random-swin"
     save_random_swin(swin)
     embed_world(work, minilm_path(), swin, overwrite=True, num_workers=2, progress=False)
+    # UniSRec's word-drop text table of the auxiliary domains (its sequence-sequence view)
+    run_embed(EmbedConfig(shards=str(work / "shards"), out=str(work / "features_worddrop"),
+                          domains=[d["name"] for d in first["aux"]], text_encoder=str(minilm_path()),
+                          image_encoder=str(swin), text_pooling="mean", text_word_drop=0.15, num_workers=2,
+                          progress=False, overwrite=True))
     (work / "features" / ".done").write_text("ok\n")
 
 
-def pretrain(work: Path, seed: int, steps: int) -> Path:
-    run = work / "runs" / f"pretrain-s{seed}"
+def pretrained_name(model: str, seed: int) -> str:
+    return f"pretrain-s{seed}" if model == "ant" else f"pretrain-{model}-s{seed}"
+
+
+def pretrain(work: Path, seed: int, steps: int, model: str = "ant") -> Path:
+    """The demo's pre-training (model=ant), or UniSRec's with the same settings (model=unisrec)."""
+    run = work / "runs" / pretrained_name(model, seed)
     if (run / "model" / "model_config.json").is_file():
         return run / "model"
+    unisrec = [f"model={model}", f"word_drop_features={work / 'features_worddrop'}"] if model == "unisrec" else []
     cmd, env = launch_command([
            "-m", "ant_dist.pretrain", f"shards={work / 'shards'}", f"features={work / 'features'}",
-           f"out={work / 'runs'}", f"run_name=pretrain-s{seed}", f"max_steps={steps}", f"seed={seed}",
-           "progress=false", "tracker=none", *DEMO_PRETRAIN], 2, cpu=True)
+           f"out={work / 'runs'}", f"run_name={run.name}", f"max_steps={steps}", f"seed={seed}",
+           "progress=false", "tracker=none", *DEMO_PRETRAIN, *unisrec], 2, cpu=True)
     t0 = time.time()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
-        raise SystemExit(f"pre-training seed {seed} failed:\n{res.stderr[-3000:]}")
-    print(f"pre-trained seed {seed} in {time.time() - t0:.0f}s", flush=True)
+        raise SystemExit(f"pre-training {model} seed {seed} failed:\n{res.stderr[-3000:]}")
+    print(f"pre-trained {model} seed {seed} in {time.time() - t0:.0f}s", flush=True)
     return run / "model"
 
 
-def target_jobs(work: Path, seeds: list[int], fractions: list[float]) -> list[tuple[str, list[str]]]:
+def target_jobs(work: Path, seeds: list[int], fractions: list[float], worlds: list[str],
+                methods: list[str]) -> list[tuple[str, list[str]]]:
     jobs = []
-    for target in [*TARGETS, *SHIFTED.values()]:
+    for target in [t for w in worlds for t in WORLDS[w].values()]:
         for f in fractions:
             for s in seeds:
-                for method in (*TRANSFER, *FROM_SCRATCH):
+                for method in methods:
                     name = f"t/{target}/f{f:g}/{method}-s{s}"
-                    pre = work / "runs" / f"pretrain-s{s if method in TRANSFER else seeds[0]}" / "model"
+                    model = PRETRAINED_MODEL.get(method, "ant")
+                    pre = work / "runs" / pretrained_name(model, s if method in TRANSFER else seeds[0]) / "model"
                     jobs.append((name, relearn_command(work, target, method, name, s, pre,
                                                        [f"train_users_fraction={f}", *RUN_OPTIONS])))
         for s in seeds:
@@ -103,7 +136,7 @@ def target_jobs(work: Path, seeds: list[int], fractions: list[float]) -> list[tu
 
     def priority(job):  # the runs the checks need first, so a partial run already answers them
         name = job[0]
-        shifted, smallest = name.split("/")[1].endswith("_s1"), f"/f{min(fractions):g}/" in name
+        shifted, smallest = name.split("/")[1].endswith(("_s1", "_m1")), f"/f{min(fractions):g}/" in name
         core = any(f"/{m}-s" in name for m in ("GB", "FT", "ReL"))
         quick = "/zero-shot-s" in name  # evaluation only: seconds each
         return (not core, not quick, not (smallest or shifted), not smallest)
@@ -131,6 +164,41 @@ def run_jobs(work: Path, jobs, parallel: int) -> None:
         list(pool.map(one, todo))
 
 
+def _checks(world: str, target: str, f: float, fractions: list[float], by: dict, nt: dict) -> list[dict]:
+    """The issue's checks on one (world, target, fraction) cell: by = method -> mean metrics."""
+    out = []
+
+    def p_vs_gb(method, metric):  # the paired t-test against GB, from the report's table
+        return next(r for r in nt["rows"] if r["metric"] == metric)["methods"].get(method)
+
+    for metric in ("recall@10", "ndcg@10"):
+        if not {"GB", "FT", "ReL"} <= set(by):
+            continue
+        if world == "shift0" and f == min(fractions):
+            best = max(("FT", "ReL"), key=lambda m: by[m][metric])
+            cell = p_vs_gb(best, metric)
+            out.append({"check": "shift 0, smallest fraction: max(FT, ReL) > GB with p < 0.05", "target": target,
+                        "metric": metric, "best": best, "p": cell["p_value"],
+                        "passed": bool(cell["significant"] and by[best][metric] > by["GB"][metric])})
+        if world == "shift1":
+            out.append({"check": "shift 1: ReL >= GB", "target": target, "fraction": f, "metric": metric,
+                        "passed": by["ReL"][metric] >= by["GB"][metric]})
+            out.append({"check": "shift 1: ReL > FT (the paper's claim; reported, not required)", "target": target,
+                        "fraction": f, "metric": metric, "passed": by["ReL"][metric] > by["FT"][metric]})
+        if world == "merge1" and f == 0.25:
+            cell = p_vs_gb("FT", metric)
+            out.append({"check": "merge 1, 25 %: FT < GB with p < 0.05 (negative transfer)", "target": target,
+                        "metric": metric, "p": cell["p_value"],
+                        "passed": bool(cell["significant"] and by["FT"][metric] < by["GB"][metric])})
+            out.append({"check": "merge 1, 25 %: ReL >= GB", "target": target, "metric": metric,
+                        "passed": by["ReL"][metric] >= by["GB"][metric]})
+            if {"UniSRec-GB", "UniSRec", "UniSRec-ReL"} <= set(by):  # reported: what UniSRec does there
+                out.append({"check": "merge 1, 25 %: UniSRec FT and ReL vs its GB (reported, not required)",
+                            "target": target, "metric": metric, "passed": True,
+                            **{m: by[m][metric] for m in ("UniSRec-GB", "UniSRec", "UniSRec-ReL")}})
+    return out
+
+
 def analyse(work: Path, fractions: list[float]) -> dict:
     from ant_dist.eval.report import build_report
 
@@ -138,43 +206,28 @@ def analyse(work: Path, fractions: list[float]) -> dict:
     tables = {(t["domain"], t["train_users_fraction"]): t for t in report["tables"]}
     nts = {(t["domain"], t["train_users_fraction"]): t for t in report["negative_transfer"]}
     rows, checks = [], []
-    for shift, names in ((0, TARGETS), (1, tuple(SHIFTED.values()))):
-        for target in names:
+    for world, names in WORLDS.items():
+        for target in names.values():
             for f in fractions:
                 if (target, f) not in nts:
                     continue
                 table, nt = tables[(target, f)], nts[(target, f)]
                 for r in table["rows"]:
-                    cell = {"shift": shift, "target": target, "fraction": f, "method": r["method"],
+                    cell = {"world": world, "target": target, "fraction": f, "method": r["method"],
                             "seeds": r["n_seeds"], **{f"{m}_mean": r["mean"][m] for m in ("recall@10", "ndcg@10")},
                             **{f"{m}_std": r["std"][m] for m in ("recall@10", "ndcg@10")}}
                     for row in nt["rows"]:
                         if r["method"] in row["methods"]:
                             cell[f"p_vs_GB_{row['metric']}"] = row["methods"][r["method"]]["p_value"]
                     rows.append(cell)
-                by = {r["method"]: r["mean"] for r in table["rows"]}
-                for metric in ("recall@10", "ndcg@10"):
-                    if not {"GB", "FT", "ReL"} <= set(by):
-                        continue
-                    if shift == 0 and f == min(fractions):
-                        best = max(("FT", "ReL"), key=lambda m: by[m][metric])
-                        cell = next(r for r in nt["rows"] if r["metric"] == metric)["methods"][best]
-                        checks.append({"check": "shift 0, smallest fraction: max(FT, ReL) > GB with p < 0.05",
-                                       "target": target, "metric": metric, "best": best, "p": cell["p_value"],
-                                       "passed": bool(cell["significant"] and by[best][metric] > by["GB"][metric])})
-                    if shift == 1:
-                        checks.append({"check": "shift 1: ReL >= GB", "target": target, "fraction": f,
-                                       "metric": metric, "passed": by["ReL"][metric] >= by["GB"][metric]})
-                        checks.append({"check": "shift 1: ReL > FT (the paper's claim; reported, not required)",
-                                       "target": target, "fraction": f, "metric": metric,
-                                       "passed": by["ReL"][metric] > by["FT"][metric]})
-    return {"rows": rows, "checks": checks}
+                checks += _checks(world, target, f, fractions, {r["method"]: r["mean"] for r in table["rows"]}, nt)
+    return {"rows": rows, "checks": checks, "table3": report.get("table3")}
 
 
 def markdown_table(result: dict, metric: str = "ndcg@10") -> str:
-    """Rows (shift, target, fraction) x method columns: mean ± std over seeds; vs GB, paired t-test
+    """Rows (world, target, fraction) x method columns: mean ± std over seeds; vs GB, paired t-test
     p < 0.05: * better, ! worse."""
-    methods = ("GB", "FT", "ReL", "ANT_e", "ID-SASRec", "zero-shot")
+    methods = [m for m in (*METHODS, "zero-shot") if any(r["method"] == m for r in result["rows"])]
     cells: dict[tuple, dict[str, str]] = {}
     for r in result["rows"]:
         mean, std, p = r[f"{metric}_mean"], r[f"{metric}_std"], r.get(f"p_vs_GB_{metric}")
@@ -184,11 +237,11 @@ def markdown_table(result: dict, metric: str = "ndcg@10") -> str:
                       (r["target"], r["fraction"], "GB"))
             mark = "*" if mean > gb[f"{metric}_mean"] else "!"
         text = f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "") + mark
-        cells.setdefault((r["shift"], r["target"].split("_")[0], r["fraction"]), {})[r["method"]] = text
-    lines = ["| shift | target | users trained on | " + " | ".join(methods) + " |",
+        cells.setdefault((r["world"], r["target"].split("_")[0], r["fraction"]), {})[r["method"]] = text
+    lines = ["| world | target | users trained on | " + " | ".join(methods) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in methods) + " |"]
-    for (shift, target, f), row in sorted(cells.items()):
-        lines.append(f"| {shift} | {target} | {f:.0%} | " + " | ".join(row.get(m, "–") for m in methods) + " |")
+    for (world, target, f), row in sorted(cells.items()):
+        lines.append(f"| {world} | {target} | {f:.0%} | " + " | ".join(row.get(m, "–") for m in methods) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -198,10 +251,13 @@ def plot(result: dict, fractions: list[float], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(0, t) for t in TARGETS] + [(1, SHIFTED[t]) for t in TARGETS]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), sharey=False)
-    for ax, (shift, target) in zip(axes, panels):
-        for method in ("GB", "FT", "ReL", "ANT_e", "ID-SASRec"):
+    panels = [(w, t) for w in WORLDS for t in WORLDS[w].values()
+              if any(r["target"] == t for r in result["rows"])]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.8), sharey=False,
+                             squeeze=False)
+    axes = axes[0]
+    for ax, (world, target) in zip(axes, panels):
+        for method in METHODS:
             pts = sorted((r["fraction"], r["ndcg@10_mean"], r["ndcg@10_std"]) for r in result["rows"]
                          if r["target"] == target and r["method"] == method)
             if pts:
@@ -213,7 +269,7 @@ def plot(result: dict, fractions: list[float], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xticks(fractions)
         ax.set_xticklabels([f"{f:g}" for f in fractions])
-        ax.set_title(f"{target.split('_')[0]}, shift {shift}")
+        ax.set_title(f"{target.split('_')[0]}, {world}")
         ax.set_xlabel("fraction of target users trained on")
     axes[0].set_ylabel("test NDCG@10 (mean ± std over seeds)")
     axes[-1].legend(fontsize=8)
@@ -230,26 +286,35 @@ def main() -> int:
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--pretrain-steps", type=int, default=1000)
     p.add_argument("--target-users", type=int, default=1000)
+    p.add_argument("--worlds", default=",".join(WORLDS), help="target worlds: shift0, shift1, merge1")
+    p.add_argument("--methods", default=",".join(METHODS), help="target methods (zero-shot always runs)")
     p.add_argument("--analyse-only", action="store_true", help="no new runs: analyse the finished ones")
     args = p.parse_args()
     work = Path(args.work)
     seeds = [int(s) for s in args.pretrain_seeds.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
+    worlds, methods = args.worlds.split(","), args.methods.split(",")
+    unknown = sorted((set(worlds) - set(WORLDS)) | (set(methods) - set(METHODS)))
+    if unknown:
+        p.error(f"unknown world(s) or method(s): {unknown}")
+    models = ["ant"] + ["unisrec"] * any(PRETRAINED_MODEL.get(m) == "unisrec" for m in methods)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.time()
     if not args.analyse_only:
         build_data(work, args.target_users)
     t_data = time.time()
     for s in seeds if not args.analyse_only else []:
-        pretrain(work, s, args.pretrain_steps)
+        for model in models:
+            pretrain(work, s, args.pretrain_steps, model)
     t_pre = time.time()
     if not args.analyse_only:
-        run_jobs(work, target_jobs(work, seeds, fractions), args.parallel)
+        run_jobs(work, target_jobs(work, seeds, fractions, worlds, methods), args.parallel)
     t_runs = time.time()
     result = analyse(work, fractions)
     result["seconds"] = {"data": round(t_data - t0), "pretrain": round(t_pre - t_data),
                          "target_runs": round(t_runs - t_pre)}
     result["setup"] = {"pretrain_seeds": seeds, "fractions": fractions, "pretrain_steps": args.pretrain_steps,
+                       "worlds": worlds, "methods": methods,
                        "target_users": args.target_users, "pretrain": DEMO_PRETRAIN}
     out = ROOT / "bench" / "results" / "transfer.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
