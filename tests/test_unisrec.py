@@ -3,6 +3,7 @@ computations, and pre-training plus every adaptation mode end to end on the tiny
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -85,6 +86,20 @@ def test_drop_items_by_hand():
     assert last[0, :4].tolist() == [0, 0, 1, 1] and last[1, :3].tolist() == [0, 1, 1]
     same, n, last = drop_items(index, torch.tensor([5, 5]), 0.0, u)
     assert same.tolist() == index.tolist() and n.tolist() == [5, 5] and last[0].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("source, name", [("text", "UniSRec"), ("text+id", "UniSRec_e"), ("fused", "SASRec++"),
+                                          ("nova", "NOVA")])
+def test_recommend_refuses_the_baselines_models(tmp_path, source, name):
+    from ant_dist.model.io import export_model
+    from ant_dist.serving.recommend import RecommendError, load_scorer
+
+    model = ANT(ANTConfig(item_source=source, n_items=6, irl=IRL,
+                          sasrec=SASRecConfig(hidden=4, n_heads=1, n_layers=1, max_len=6, nova=source == "nova")))
+    export_model(model, tmp_path / "model", {"domains": ["Toy"], "items_per_domain": [6]})
+    (tmp_path / "shards" / "Toy").mkdir(parents=True)
+    with pytest.raises(RecommendError, match=re.escape(f"is a {name} baseline")):
+        load_scorer(str(tmp_path / "model"), "Toy", shards=str(tmp_path / "shards"))
 
 
 def test_word_drop_is_seeded_and_never_empty():

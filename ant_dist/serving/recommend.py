@@ -182,6 +182,12 @@ def load_scorer(model_dir: str, domain: str, shards: Optional[str] = None, featu
         raise RecommendError(str(exc)) from None
     except (RuntimeError, KeyError, TypeError) as exc:  # weights or config of another shape
         raise RecommendError(f"{model_dir}: model.safetensors does not match model_config.json: {exc}") from None
+    source = model.cfg.item_source
+    baseline = {"fused": "SASRec++", "nova": "NOVA", "text": "UniSRec", "text+id": "UniSRec_e"}.get(source)
+    if baseline:
+        raise RecommendError(f"{model_dir} is a {baseline} baseline (item_source={source}), trained for the "
+                             f"report's comparison; recommendations and serving exports are for ANT's models "
+                             f"(item_source irl, id or irl+id)")
     dev = resolve_device(device)
     model.eval().to(dev)
     shards_root = Path(shards or config.get("shards") or "shards")
@@ -189,11 +195,6 @@ def load_scorer(model_dir: str, domain: str, shards: Optional[str] = None, featu
     item_ids = _catalog(shards_root / domain)
     if not item_ids:
         raise RecommendError(f"the catalog of {domain!r} ({shards_root / domain}) is empty")
-    source = model.cfg.item_source
-    if source in ("fused", "nova"):
-        raise RecommendError(f"{model_dir} is a {'SASRec++' if source == 'fused' else 'NOVA'} baseline "
-                             f"(item_source={source}), trained for the report's comparison; recommendations and "
-                             f"serving exports are for ANT's models (item_source irl, id or irl+id)")
     scoring, offset, note = source, 0, ""
     if "id" in source:
         found, why = id_table_offset(config, domain, item_ids)
