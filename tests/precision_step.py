@@ -25,7 +25,7 @@ from ant_dist.config import PretrainConfig, RelearnConfig, load_config
 from ant_dist.train.losses import NegativeSampler
 from ant_dist.train.data import Corpus, EpochBatches, epoch_batches, epoch_order, read_domain
 from ant_dist.features.catalog import load_catalog_features
-from ant_dist.train.loop import build_model
+from ant_dist.train.loop import build_model, make_objective
 from ant_dist.train.objective import TrainObjective
 from ant_dist.train.target import build_target_model
 
@@ -75,17 +75,17 @@ def _step(case: dict, world_dir: str, pretrained: str, rank: int, world: int, bf
         cfg.domains = ["Office"]
     corpus, features = _corpus_and_features(world_dir, cfg.domains)
     popularity = torch.from_numpy(corpus.popularity()).float()
-    sampler = NegativeSampler(corpus.n_items, popularity, cfg.sampler_alpha) if cfg.loss == "sampled" else None
+    sampler = (NegativeSampler(corpus.n_items, popularity, cfg.sampler_alpha)
+               if cfg.loss == "sampled" and cfg.model == "ant" else None)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, features.text_dim, features.image_dim) if case["stage"] == "pretrain" else \
         build_target_model(cfg, features, corpus)
     model.to(DEVICE)
-    objective = TrainObjective(model, features, cfg.loss, cfg.tau, cfg.align_weight, sampler, popularity + 1.0,
-                               cfg.in_batch_negatives, cfg.gather_negatives, cfg.exact_chunk)
+    objective = make_objective(cfg, model, features, sampler, popularity, None)  # the loop's choice of loss
     n = len(corpus.train_users)
     batches = EpochBatches(corpus, epoch_order(n, cfg.seed, 0), epoch_batches(n, cfg.batch_size), 0, rank, world,
                            cfg.max_len, cfg.seed, cfg.n_negatives if sampler else 0,
-                           sampler.probs if sampler else None)
+                           sampler.probs if sampler else None, draws=cfg.model == "unisrec")
     batch = batches[0]
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
         out = objective(batch)
@@ -101,7 +101,7 @@ def _step(case: dict, world_dir: str, pretrained: str, rank: int, world: int, bf
     return float(rec_sum), grads.double(), objective.loss_path, batch["n_global"], later
 
 
-def _more_steps(objective: TrainObjective, batches: EpochBatches, world: int) -> list[float]:
+def _more_steps(objective: torch.nn.Module, batches: EpochBatches, world: int) -> list[float]:
     """BF16_STEPS optimizer steps under bf16 after the compared one (gradients averaged over the
     ranks as DDP does): their losses, which must stay finite."""
     params = [p for p in objective.parameters() if p.requires_grad]

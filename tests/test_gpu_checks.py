@@ -30,8 +30,8 @@ def test_every_part_runs_on_cpu_at_toy_sizes(tmp_path):
     assert set(parts) == {"precision", "pretrain", "relearn", "encoders"}
     assert all(p["ok"] for p in parts.values())
     precision = parts["precision"]["cases"]
-    # the one-process matrix: 4 pre-training paths + 7 re-learning methods x (dense, chunked)
-    assert len(precision) == 4 + 7 * 2 and all(c["path_fp32"] == c["path_bf16"] for c in precision.values())
+    # the one-process matrix: 5 pre-training paths + 9 re-learning methods x (dense, chunked)
+    assert len(precision) == 5 + 9 * 2 and all(c["path_fp32"] == c["path_bf16"] for c in precision.values())
     assert "2 passed" in parts["precision"]["pytest"]  # the one-process matrix and the evaluation check
     for loss in ("sampled:128", "exact"):
         r = parts["pretrain"][loss]

@@ -30,6 +30,7 @@ ONE_PROCESS = {
     "pretrain sampled": ("pretrain", ["loss=sampled", "n_negatives=64"], "sampled"),
     "pretrain sampled in-batch": ("pretrain", ["loss=sampled", "n_negatives=64", "in_batch_negatives=true"],
                                   "sampled+in-batch"),
+    "pretrain unisrec": ("pretrain", ["model=unisrec"], "unisrec-in-batch"),
 }
 TWO_PROCESSES = {
     "pretrain exact split (2 processes)": ("pretrain", ["loss=exact", "exact_chunk=64"], "exact-split"),
@@ -37,7 +38,8 @@ TWO_PROCESSES = {
     "pretrain sampled in-batch gathered (2 processes)": (
         "pretrain", ["loss=sampled", "n_negatives=64", "in_batch_negatives=true"], "sampled+global-in-batch+gathered"),
 }
-for _label in ("ReL", "FT", "GB", "ANT_e", "ID-SASRec", "SASRec++", "NOVA"):
+# UniSRec's FT needs a UniSRec pre-trained model; its GB and ReL (onto the fixture's user model) do not
+for _label in ("ReL", "FT", "GB", "ANT_e", "ID-SASRec", "SASRec++", "NOVA", "UniSRec-GB", "UniSRec-ReL"):
     _opts = method_options(_label)
     ONE_PROCESS[f"relearn {_label} dense"] = ("relearn", _opts, "exact-dense")
     ONE_PROCESS[f"relearn {_label} chunked"] = ("relearn", [*_opts, "exact_chunk=16"], "exact-chunked")
