@@ -137,10 +137,12 @@ class PretrainConfig:
                      "(UniSRec: its MoE adaptor over the text alone, pre-trained with its sequence-item and "
                      "sequence-sequence contrastive tasks over the global batch; docs/model.md)",
                      choices=PRETRAIN_MODELS)
-    item_drop: float = opt(0.2, "model=unisrec: probability of dropping each item in the augmented view of the "
-                           "sequence-sequence task")
+    item_drop: float = opt(0.2, "model=unisrec: probability that an item of the sequence-sequence task's view is "
+                           "dropped (item-drop view) or takes its word-dropped text (word-drop view)")
+    item_drop_coefficient: float = opt(0.9, "model=unisrec: probability that a step's view is the item-drop one "
+                                       "(else the word-drop one), as UniSRec's")
     word_drop_features: str = opt("", "model=unisrec: features root embedded with text_word_drop > 0, whose text "
-                                  "table gives the augmented view's items (empty: the view drops items only)")
+                                  "table gives the word-drop view's items (empty: that view reuses the plain texts)")
     hidden: int = opt(256, "hidden size of the item and user models")
     n_layers: int = opt(2, "SASRec self-attention layers")
     n_heads: int = opt(2, "SASRec attention heads")

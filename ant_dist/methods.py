@@ -47,8 +47,9 @@ DISPLAY_NAMES = {"ReL": "ANT"}
 # The paper's Table III: per pre-trained model family, its (GB, FT, ReL) labels
 # (UniSRec's FT is the fine-tuned UniSRec of Table II: one run, one label)
 TABLE3_FAMILIES = {"UniSRec": ("UniSRec-GB", "UniSRec", "UniSRec-ReL"), "ANT": ("GB", "FT", "ReL")}
-# the pre-training a transfer method starts from: label -> `pretrain model=` (ANT's for the others)
-PRETRAINED_MODEL = {"UniSRec": "unisrec", "UniSRec-ReL": "unisrec", "UniSRec_e": "unisrec"}
+# the pre-training a method's `pretrained=` names: label -> `pretrain model=` (ANT's for the others); a
+# transfer method starts from it, a GB run takes its architecture (the same capacity as FT and ReL)
+PRETRAINED_MODEL = {"UniSRec-GB": "unisrec", "UniSRec": "unisrec", "UniSRec-ReL": "unisrec", "UniSRec_e": "unisrec"}
 PRETRAIN_MODELS = ("ant", "unisrec")
 
 

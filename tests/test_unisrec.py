@@ -117,12 +117,27 @@ def _prefix_state(model, bank, seq):
     return model.user_states(emb, torch.ones(1, len(seq), dtype=torch.bool))[0, -1]
 
 
-def test_objective_is_the_two_tasks_over_every_prefix():
+class _WordDropTable:
+    """A word-drop text table over the same 6 items (the CatalogFeatures interface the objective reads)."""
+
+    def __init__(self, bank):
+        g = torch.Generator().manual_seed(5)
+        self.bank = FeatureBank(bank.text + 0.5 * torch.randn(6, 3, generator=g), bank.image, bank.price_norm)
+
+    def gather_all(self, rows):
+        return (*self.bank.gather(rows), torch.ones(len(rows), dtype=torch.bool))
+
+
+@pytest.mark.parametrize("view", ["item drop", "word drop"])
+def test_objective_is_the_two_tasks_over_every_prefix(view):
     """One process, no dropout: every prefix of every sequence is an instance, its state the state of
     the prefix fed alone, L_SI by hand over all instances' next items, and L_SS against the state of
-    the prefix's item-drop view, also fed alone (the view built by hand from the draws)."""
+    the prefix's view, also fed alone (the view built by hand from the draws: items dropped, or given
+    their word-dropped text), with a row's own view never counted as a negative."""
     model, bank = _model(), _bank()
+    word_table = _WordDropTable(bank)
     seqs = [[0, 1, 2, 3], [4, 3, 5], [1, 3, 0, 4, 2]]  # training parts: inputs seq[:-1], targets seq[1:]
+    users = [7, 8, 9]
     rows = torch.arange(6)
     L = max(len(s) - 1 for s in seqs)
     inputs, targets = torch.zeros(3, L, dtype=torch.long), torch.full((3, L), -1)
@@ -132,28 +147,44 @@ def test_objective_is_the_two_tasks_over_every_prefix():
     draws = torch.tensor([[0.9, 0.1, 0.9, 0.0], [0.0, 0.9, 0.0, 0.0], [0.9, 0.9, 0.05, 0.9]], dtype=torch.float64)
     feats = (bank.text, bank.image, bank.price_norm, torch.ones(6, dtype=torch.bool))
     batch = {"rows": rows, "feats": feats, "inputs": inputs, "targets": targets, "mask": mask, "draws": draws,
+             "view_draw": 0.3 if view == "item drop" else 0.95, "users": torch.tensor(users),
              "n_global": int(mask.sum()), "step": 0}
-    objective = UniSRecObjective(model, None, None, tau=0.1, seq_seq_weight=0.5, item_drop=0.2)
+    objective = UniSRecObjective(model, None, word_table, tau=0.1, seq_seq_weight=0.5, item_drop=0.2,
+                                 item_drop_coefficient=0.9)
     out = objective(batch)
 
+    def view_state(s, u, t):
+        if view == "item drop":  # the dropped items leave the prefix (never the first)
+            return _prefix_state(model, bank, [x for j, x in enumerate(s[:t + 1]) if j == 0 or u[j] >= 0.2])
+        emb = torch.stack([(word_table.bank if j > 0 and u[j] < 0.2 else bank).text[x] for j, x in enumerate(s[:t + 1])])
+        v = model.side_items(emb)  # the word-dropped text's vector at a drawn position
+        return model.user_states(v.unsqueeze(0), torch.ones(1, t + 1, dtype=torch.bool))[0, -1]
+
     with torch.no_grad():  # the reference: each prefix and its view fed alone
-        prefixes, views, nxt = [], [], []
-        for s, u in zip(seqs, draws.tolist()):
+        prefixes, aug, nxt, who = [], [], [], []
+        for s, u, user in zip(seqs, draws.tolist(), users):
             for t in range(len(s) - 1):
                 prefixes.append(s[:t + 1])
-                views.append([x for j, x in enumerate(s[:t + 1]) if j == 0 or u[j] >= 0.2])
+                aug.append(view_state(s, u, t))
                 nxt.append(s[t + 1])
-        assert views[1] == [0] and views[-1] == [1, 3, 4]  # drops at draws < 0.2, never the first item
+                who.append(user)
         states = torch.stack([_prefix_state(model, bank, p) for p in prefixes])
-        aug = torch.stack([_prefix_state(model, bank, v) for v in views])
+        aug = torch.stack(aug)
         v = model.encode_items(torch.tensor(nxt), bank).embedding
         sn, an, vn = (x / x.norm(dim=1, keepdim=True) for x in (states, aug, v))
-        # a column whose next item equals the row's (other than its own) is not a candidate
-        dup = (torch.tensor(nxt).unsqueeze(0) == torch.tensor(nxt).unsqueeze(1)) & ~torch.eye(len(nxt), dtype=torch.bool)
+        eye = torch.eye(len(nxt), dtype=torch.bool)
+        # a column whose next item equals the row's (other than its own) is not a candidate; nor, in
+        # L_SS, a column whose view is the row's own (the same user's prefixes with equal views)
+        dup = (torch.tensor(nxt).unsqueeze(0) == torch.tensor(nxt).unsqueeze(1)) & ~eye
+        twin = (torch.tensor(who).unsqueeze(0) == torch.tensor(who).unsqueeze(1)) & ~eye & \
+            ((an @ an.T) > 1 - 1e-6)
         si = -torch.log_softmax((sn @ vn.T / 0.1).masked_fill(dup, float("-inf")), dim=1).diagonal().sum()
-        ss = -torch.log_softmax((sn @ an.T / 0.1).masked_fill(dup, float("-inf")), dim=1).diagonal().sum()
+        ss = -torch.log_softmax((sn @ an.T / 0.1).masked_fill(dup | twin, float("-inf")), dim=1).diagonal().sum()
     n = len(nxt)
     assert n == 9 and dup.any()  # item 3 is the next item of two prefixes
+    # item drop: user 7's prefixes [0] and [0 1] share the view [0] (item 1 dropped), user 9's [1 3] and
+    # [1 3 0] the view [1 3]; word drop: views never coincide (the prefixes differ in length)
+    assert twin.any() == (view == "item drop")
     assert abs(float(out["rec_sum"]) - float(si)) < 1e-4
     assert abs(float(out["align"]) - float(ss) / n) < 1e-4
     assert abs(float(out["loss"].detach()) - (float(si) + 0.5 * float(ss)) / n) < 1e-4

@@ -13,18 +13,23 @@ UniSRec's code (temperature 0.07).
 Pre-training (eqs. 9-11 of the UniSRec paper): over a batch of (prefix, next item) instances
 (every prefix of the batch's sequences, RecBole's augmentation) with normalised sequence states
 s_j and item vectors v_j,
-    L_SI = -sum_j log exp(s_j.v_j/tau) / sum_j' exp(s_j.v_j'/tau)          (sequence-item)
-    L_SS = -sum_j log exp(s_j.s~_j/tau) / sum_j' exp(s_j.s~_j'/tau)         (sequence-sequence)
+    L_SI = -mean_j log exp(s_j.v_j/tau) / sum_j' exp(s_j.v_j'/tau)          (sequence-item)
+    L_SS = -mean_j log exp(s_j.s~_j/tau) / sum_j' exp(s_j.s~_j'/tau)         (sequence-sequence)
     L = L_SI + lambda L_SS
-where s~_j is the state of an augmented view of sequence j: each item dropped with probability
-`item_drop` (the first item always kept) and every item's text vector taken from a word-dropped
-text table (`word_drop_features`, written by `ant_dist.embed text_word_drop=...`), as UniSRec's
-feat2CLS. In-batch columns whose instance has the same next item as the row's (other than the
-row's own) are left out of the denominators: UniSRec's code sets their logit to 0 (exp = 1);
-we drop them, so a duplicate positive is never a negative.
+where s~_j is the state of an augmented view of prefix j. As UniSRec's data transform, each step
+takes one of two views for the whole batch: with probability `item_drop_coefficient` (0.9) the
+item-drop view (each item dropped with probability `item_drop`, the first always kept), else the
+word-drop view (the items that draw a drop keep their place but take the vector of their
+word-dropped text, from `word_drop_features`, written by `ant_dist.embed text_word_drop=...`:
+UniSRec's feat2CLS). L_SI and L_SS are means over the batch's instances, as UniSRec's loss.mean().
+In-batch columns whose instance has the same next item as the row's (other than the row's own)
+are left out of the denominators: UniSRec's code sets their logit to 0 (exp = 1); we drop them,
+so a duplicate positive is never a negative.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,21 +53,27 @@ class TextItems(nn.Module):
 
 
 def in_batch_contrastive(queries: torch.Tensor, keys: torch.Tensor, query_ids: torch.Tensor,
-                         key_ids: torch.Tensor, positive: torch.Tensor, tau: float) -> torch.Tensor:
+                         key_ids: torch.Tensor, positive: torch.Tensor, tau: float,
+                         query_views: Optional[torch.Tensor] = None,
+                         key_views: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-row loss -log softmax(q_j . k / tau)[positive_j] over normalised q and k.
 
     queries (n, d); keys (m, d), the batch's columns (every process's, when gathered); key_ids (m,)
     the next item of each column's instance, -1 for padding (never a candidate); positive (n,) the
     column of each row's own positive. A column with the same id as the row's, other than its
-    positive, is left out (module doc).
+    positive, is left out (module doc). With query_views / key_views (ids of the sequence a key
+    was computed from), a column computed from the row's own positive sequence is left out too:
+    it is the positive itself, not a negative.
     """
     q = F.normalize(queries.float(), dim=-1)
     k = F.normalize(keys.float(), dim=-1)
     logits = q @ k.T / tau
     cols = torch.arange(len(keys), device=keys.device)
     own = cols.unsqueeze(0) == positive.unsqueeze(1)
-    drop = ((key_ids.unsqueeze(0) == query_ids.unsqueeze(1)) | (key_ids < 0).unsqueeze(0)) & ~own
-    logits = logits.masked_fill(drop, float("-inf"))
+    drop = (key_ids.unsqueeze(0) == query_ids.unsqueeze(1)) | (key_ids < 0).unsqueeze(0)
+    if query_views is not None:
+        drop = drop | (key_views.unsqueeze(0) == query_views.unsqueeze(1))
+    logits = logits.masked_fill(drop & ~own, float("-inf"))
     return F.cross_entropy(logits, positive, reduction="none")
 
 

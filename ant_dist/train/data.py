@@ -168,7 +168,8 @@ class EpochBatches(torch.utils.data.Dataset):
     rows, sorted; targets -1 where there is no loss), `mask` (b, L) real input items,
     `negatives` (K,) catalog rows, `n_global` loss positions in the whole global batch (for the
     loss scale), `users` (b,) global user ids, `step`; and, with memory-mapped features, the
-    rows' features (`feats`); with `draws`, (b, L) uniforms per sequence.
+    rows' features (`feats`); with `draws`, (b, L) uniforms per sequence and `view_draw`, one per
+    step (UniSRec's augmentations).
     """
 
     def __init__(self, corpus: Corpus, order: np.ndarray, bounds: list[tuple[int, int]], first_step: int,
@@ -223,6 +224,7 @@ class EpochBatches(torch.utils.data.Dataset):
         if self.draws:  # seeded by the user, not the process: any process count draws the same
             batch["draws"] = torch.from_numpy(np.stack([
                 np.random.default_rng([self.seed, step, int(u), 0xD4A3]).random(length) for u in users]))
+            batch["view_draw"] = float(np.random.default_rng([self.seed, step, 0xA06]).random())
         return batch
 
 

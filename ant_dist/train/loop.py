@@ -62,8 +62,8 @@ def _validate(cfg: PretrainConfig, stage: Stage) -> None:
     for name in ("batch_size", "hidden", "max_len", "max_epochs", "exact_chunk"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be >= 1")
-    if cfg.model == "unisrec" and not 0 <= cfg.item_drop < 1:
-        problems.append("item_drop must be in [0, 1)")
+    if cfg.model == "unisrec" and not (0 <= cfg.item_drop < 1 and 0 <= cfg.item_drop_coefficient <= 1):
+        problems.append("item_drop must be in [0, 1) and item_drop_coefficient in [0, 1]")
     if cfg.word_drop_features and cfg.model != "unisrec":
         problems.append("word_drop_features is read by model=unisrec only")
     if cfg.loss == "sampled" and cfg.n_negatives < 1 and cfg.model == "ant":
@@ -109,7 +109,8 @@ def make_objective(cfg: PretrainConfig, model: ANT, features: CatalogFeatures, s
     """The loss of the run's model: UniSRec's two contrastive tasks for a UniSRec model being
     pre-trained, else L_r (+ lambda R_c) with the configured softmax."""
     if model.cfg.item_source == "text" and cfg.model == "unisrec":
-        objective = UniSRecObjective(model, features, word_drop, cfg.tau, cfg.align_weight, cfg.item_drop)
+        objective = UniSRecObjective(model, features, word_drop, cfg.tau, cfg.align_weight, cfg.item_drop,
+                                     cfg.item_drop_coefficient)
     else:
         objective = TrainObjective(model, features, cfg.loss, cfg.tau, cfg.align_weight, sampler, popularity + 1.0,
                                    cfg.in_batch_negatives, cfg.gather_negatives and not cfg.shared_negatives,
