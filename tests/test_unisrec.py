@@ -252,3 +252,21 @@ def test_pretrain_then_every_unisrec_method(world, tmp_path):
     assert res.returncode == 2 and "model=ant" in res.stderr
     res = _relearn(world, tmp_path, "bad2", "mode=finetune", "item_repr=text", "model=unisrec", model)
     assert res.returncode == 2 and "pre-training option" in res.stderr
+
+
+@pytest.mark.slow
+def test_unisrec_pretraining_resumes_exactly(world):
+    """2 steps, then a rerun of the same command to 4, ends on the weights of 4 steps straight: the views'
+    draws and the dropout are functions of (seed, step), restored by nothing but the step."""
+    from safetensors.torch import load_file
+
+    steady = ["schedule=constant", "warmup_steps=0", "checkpoint_every=1", "eval_every=-1", "align_weight=0.5"]
+    assert _pretrain(world, "uni-straight", "max_steps=4", *steady).returncode == 0
+    first = _pretrain(world, "uni-resumed", "max_steps=2", *steady)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = _pretrain(world, "uni-resumed", "max_steps=4", *steady)
+    assert again.returncode == 0, again.stderr[-3000:]
+    starts = [json.loads(x) for x in (world / "runs" / "uni-resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in starts if r["event"] == "start"] == [0, 2]
+    a, b = (load_file(str(world / "runs" / r / "model" / "model.safetensors")) for r in ("uni-straight", "uni-resumed"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
