@@ -152,8 +152,9 @@ def run(cfg: TransferabilityConfig) -> dict:
     except (BadInput, FileNotFoundError) as exc:
         raise TransferabilityError(f"model={cfg.model}: {exc}") from None
     if model.irl is None:
-        raise TransferabilityError(f"model={cfg.model} has no item model (item_source="
-                                   f"{model.cfg.item_source!r}): it has no text, image or price embeddings")
+        raise TransferabilityError(f"model={cfg.model} has no IRL item model (item_source="
+                                   f"{model.cfg.item_source!r}): the probe reads IRL's text, image and price "
+                                   f"embeddings, which only ANT's models have")
     aux = list(cfg.auxiliary) or list(model_config.get("domains") or [])
     if not aux:
         raise TransferabilityError("auxiliary is empty and the model's config names no domains: set auxiliary=[...]")
