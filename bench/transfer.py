@@ -1,7 +1,8 @@
 """Does pre-training help, and does re-learning avoid negative transfer? (an experiment, not a test)
 
     .venv/bin/python bench/transfer.py [--work bench/.work/transfer] [--pretrain-seeds 0,1,2]
-                                       [--fractions 0.1,0.25,1] [--parallel 2] [--pretrain-steps 1000]
+                                       [--run-seeds 0,1,2] [--fractions 0.1,0.25,1] [--parallel 2]
+                                       [--pretrain-steps 1000]
                                        [--worlds shift0,shift1,merge1] [--methods GB,FT,ReL,...]
 
 One synthetic world (the demo's: 4 auxiliary domains of 2,000 items and 3,000 users), with two
@@ -15,7 +16,9 @@ serves every world.
 
 For each target, each fraction of its users trained on (all users are validated and tested),
 and each method: GB, FT, ReL, ANT_e, ID-SASRec, UniSRec-GB, UniSRec, UniSRec-ReL (3 seeds; the
-transfer methods over 3 pre-training seeds) and zero-shot. Every run is `python -m
+transfer methods over 3 pre-training seeds) and zero-shot. `--run-seeds` decouples the two: the
+i-th run seed then starts its transfer runs from the (i mod P)-th of the P pre-training seeds, so
+one pre-training can serve several target seeds when pre-training is the cost that does not fit. Every run is `python -m
 ant_dist.relearn` with the demo's target settings (patience 200 steps); finished runs are
 skipped on a rerun. The report (`ant_dist.report`) gives the tables, Table III and the paired
 t-tests; this script adds the issue's checks and a plot:
@@ -117,7 +120,11 @@ def pretrain(work: Path, seed: int, steps: int, model: str = "ant") -> Path:
 
 
 def target_jobs(work: Path, seeds: list[int], fractions: list[float], worlds: list[str],
-                methods: list[str]) -> list[tuple[str, list[str]]]:
+                methods: list[str], pretrain_seeds: list[int] | None = None) -> list[tuple[str, list[str]]]:
+    """seeds: the target runs' seeds; the i-th takes pre-training seed pretrain_seeds[i mod P]
+    (default: the same seeds)."""
+    pretrain_seeds = pretrain_seeds or seeds
+    pre_seed = {s: pretrain_seeds[i % len(pretrain_seeds)] for i, s in enumerate(seeds)}
     jobs = []
     for target in [t for w in worlds for t in WORLDS[w].values()]:
         for f in fractions:
@@ -125,13 +132,14 @@ def target_jobs(work: Path, seeds: list[int], fractions: list[float], worlds: li
                 for method in methods:
                     name = f"t/{target}/f{f:g}/{method}-s{s}"
                     model = PRETRAINED_MODEL.get(method, "ant")
-                    pre = work / "runs" / pretrained_name(model, s if method in TRANSFER else seeds[0]) / "model"
+                    pre = work / "runs" / pretrained_name(model, pre_seed[s] if method in TRANSFER
+                                                          else pretrain_seeds[0]) / "model"
                     jobs.append((name, relearn_command(work, target, method, name, s, pre,
                                                        [f"train_users_fraction={f}", *RUN_OPTIONS])))
-        for s in seeds:
+        for s in pretrain_seeds:  # no training: one evaluation per pre-trained model
             name = f"t/{target}/f1/zero-shot-s{s}"
             jobs.append((name, relearn_command(work, target, "zero-shot", name, s,
-                                               work / "runs" / f"pretrain-s{s}" / "model",
+                                               work / "runs" / pretrained_name("ant", s) / "model",
                                                RUN_OPTIONS)))
 
     def priority(job):  # the runs the checks need first, so a partial run already answers them
@@ -282,6 +290,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(ROOT / "bench" / ".work" / "transfer"))
     p.add_argument("--pretrain-seeds", default="0,1,2")
+    p.add_argument("--run-seeds", default=None, help="target runs' seeds (default: the pre-training seeds)")
     p.add_argument("--fractions", default="0.1,0.25,1")
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--pretrain-steps", type=int, default=1000)
@@ -292,6 +301,7 @@ def main() -> int:
     args = p.parse_args()
     work = Path(args.work)
     seeds = [int(s) for s in args.pretrain_seeds.split(",")]
+    run_seeds = [int(s) for s in args.run_seeds.split(",")] if args.run_seeds else seeds
     fractions = [float(f) for f in args.fractions.split(",")]
     worlds, methods = args.worlds.split(","), args.methods.split(",")
     unknown = sorted((set(worlds) - set(WORLDS)) | (set(methods) - set(METHODS)))
@@ -308,12 +318,13 @@ def main() -> int:
             pretrain(work, s, args.pretrain_steps, model)
     t_pre = time.time()
     if not args.analyse_only:
-        run_jobs(work, target_jobs(work, seeds, fractions, worlds, methods), args.parallel)
+        run_jobs(work, target_jobs(work, run_seeds, fractions, worlds, methods, seeds), args.parallel)
     t_runs = time.time()
     result = analyse(work, fractions)
     result["seconds"] = {"data": round(t_data - t0), "pretrain": round(t_pre - t_data),
                          "target_runs": round(t_runs - t_pre)}
-    result["setup"] = {"pretrain_seeds": seeds, "fractions": fractions, "pretrain_steps": args.pretrain_steps,
+    result["setup"] = {"pretrain_seeds": seeds, "run_seeds": run_seeds, "fractions": fractions,
+                       "pretrain_steps": args.pretrain_steps,
                        "worlds": worlds, "methods": methods,
                        "target_users": args.target_users, "pretrain": DEMO_PRETRAIN}
     out = ROOT / "bench" / "results" / "transfer.json"
