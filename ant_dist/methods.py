@@ -51,6 +51,12 @@ TABLE3_FAMILIES = {"UniSRec": ("UniSRec-GB", "UniSRec", "UniSRec-ReL"), "ANT": (
 # transfer method starts from it, a GB run takes its architecture (the same capacity as FT and ReL)
 PRETRAINED_MODEL = {"UniSRec-GB": "unisrec", "UniSRec": "unisrec", "UniSRec-ReL": "unisrec", "UniSRec_e": "unisrec"}
 PRETRAIN_MODELS = ("ant", "unisrec")
+# relearn options that only ANT's item model reads, through its text-image fusion term (model/irl.py:
+# beta weighs it): other item representations, and ANT's with that term ablated (ablate=[MF]), ignore
+# them, so a reproduction grid over one does not multiply their runs (they would be identical)
+IRL_ITEM_REPRS = ("irl", "irl+id")
+IRL_ONLY_OPTIONS = ("beta",)
+FUSION_ABLATION = "MF"
 
 
 def method_options(label: str) -> list[str]:

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from ant_dist.config import RelearnConfig, load_config
-from ant_dist.model.ant import ANT, ANTConfig
+from ant_dist.methods import FUSION_ABLATION, IRL_ITEM_REPRS, IRL_ONLY_OPTIONS, ITEM_REPRS
+from ant_dist.model.ant import ANT, ANTConfig, FeatureBank
 from ant_dist.pipeline.launcher import launch_command
 from ant_dist.model.irl import IRLConfig
 from ant_dist.model.sasrec import SASRecConfig
@@ -142,6 +143,32 @@ def test_ablations_switch_off_item_model_parts(tmp_path):
     assert (irl.use_text, irl.use_image, irl.use_price, irl.use_moe, irl.use_fusion) == (False, True, False, False,
                                                                                          False)
     assert not any("w_gate" in n for n, _ in model.named_parameters()), "-MoE: plain linear maps"
+
+
+@pytest.mark.parametrize("item_repr,ablate", [(r, "[]") for r in ITEM_REPRS] + [("irl", "[MF]"), ("irl+id", "[MF]")])
+def test_beta_changes_exactly_the_item_models_that_methods_says_read_it(item_repr, ablate):
+    """The reproduction's grid skips beta for the other item models (pipeline/plan.py): its premise."""
+    features, corpus = SimpleNamespace(text_dim=12, image_dim=10), SimpleNamespace(n_items=9)
+    g = torch.Generator().manual_seed(3)
+    price = torch.rand(9, generator=g)
+    price[2] = float("nan")  # an unknown price
+    bank = FeatureBank(torch.randn(9, 12, generator=g), torch.randn(9, 10, generator=g), price)
+    index, mask = torch.randint(0, 9, (4, 6), generator=g), torch.ones(4, 6, dtype=torch.bool)
+    mask[0, :3] = False
+    outputs = []
+    for beta in (0.1, 0.9):
+        cfg = load_config(RelearnConfig, None, ["domain=T", "mode=scratch", f"item_repr={item_repr}", f"beta={beta}",
+                                                f"ablate={ablate}", "hidden=16", "n_heads=2", "dropout=0",
+                                                "irl_dropout=0"])
+        torch.manual_seed(0)
+        model = build_target_model(cfg, features, corpus).eval()
+        with torch.no_grad():
+            items = model.encode_items(torch.arange(9), bank)
+            outputs.append((items.embedding, model.sequence_states(items, index, mask)))
+    same = all(torch.equal(a, b) for a, b in zip(*outputs))
+    reads_beta = item_repr in IRL_ITEM_REPRS and FUSION_ABLATION not in ablate and "beta" in IRL_ONLY_OPTIONS
+    assert same != reads_beta, f"item_repr={item_repr} ablate={ablate}: beta {'changes' if not same else 'keeps'} " \
+                               f"the item vectors and user states"
 
 
 @pytest.mark.parametrize("args,expect", [

@@ -39,6 +39,22 @@ METHOD_MODES = {"GB": ("scratch", "irl"), "FT": ("finetune", "irl"), "ReL": ("re
                 "ANT_e": ("relearn", "irl+id"), "ID-SASRec": ("scratch", "id"), "SASRec++": ("scratch", "fused"),
                 "NOVA": ("scratch", "nova"), "UniSRec-GB": ("scratch", "text"), "UniSRec": ("finetune", "text"),
                 "UniSRec-ReL": ("relearn", "text"), "UniSRec_e": ("finetune", "text+id")}
+# beta weighs the text-image fusion term of ANT's item model (model/irl.py): no other item model reads it,
+# nor ANT's with that term ablated (MF)
+BETA_READERS = ("irl", "irl+id")
+
+
+def method_grid(spec: dict, method: str) -> dict:
+    """The grid axes a method's runs vary: the config's, less beta where no fusion term reads it and
+    less what the method's own options set (they are passed last and win)."""
+    grid = {k: v for k, v in spec["relearn"].items() if isinstance(v, list) and k != "ablate"}
+    options = spec.get("method_options", {}).get(method)
+    own = dict(o.split("=", 1) for o in options) if options is not None else {}
+    item_repr = own.get("item_repr", "irl") if options is not None else METHOD_MODES[method][1]
+    fusion = item_repr in BETA_READERS and "MF" not in own.get("ablate", "")
+    return {k: v for k, v in grid.items() if k not in own and (k != "beta" or fusion)}
+
+
 ENV_KEYS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false"}
 
@@ -112,11 +128,9 @@ def test_dry_run_prints_every_job_its_dependencies_and_the_array_size(path):
     res = reproduce("--config", path, "--dry-run")
     assert res.returncode == 0, res.stderr
     domains = list(dict.fromkeys(spec["aux_domains"] + spec["targets"]))
-    grid = {k: v for k, v in spec["relearn"].items() if isinstance(v, list) and k != "ablate"}
-    n_points = 1
-    for values in grid.values():
-        n_points *= len(values)
-    n_relearn = len(spec["targets"]) * len(spec["methods"]) * n_points * len(spec["seeds"])
+    grids = {m: method_grid(spec, m) for m in spec["methods"]}
+    n_relearn = len(spec["targets"]) * len(spec["seeds"]) * sum(
+        len(list(itertools.product(*grid.values()))) for grid in grids.values())
     labels = spec.get("baselines", list(RECBOLE_BASELINES))  # the default: all five
     n_baselines = len(spec["targets"]) * len(labels) * len(spec["seeds"])
     expected = {"fetch": (len(domains), "-"), "pack": (len(domains), "fetch"), "embed": (1, "pack"),
@@ -150,9 +164,14 @@ def test_dry_run_prints_every_job_its_dependencies_and_the_array_size(path):
                 f"x: {shlex.join(options)}"))
         model = "pretrain_unisrec" if PRETRAINED_MODEL.get(method) == "unisrec" else "pretrain"
         assert o["pretrained"].endswith(f"runs/{model}/model") and o["select_metric"] == spec["select_metric"]
+        grid = grids[method]
+        own = dict(x.split("=", 1) for x in options or [])
+        for k in set(method_grid({"relearn": spec["relearn"], "methods": []}, "GB")) - set(grid):
+            assert o.get(k) == own.get(k), f"{k}: an axis this method ignores or sets must not reach it: {line}"
         seen.add((o["domain"], method, tuple(float(o[k]) for k in grid), int(o["seed"])))
-    combos = itertools.product(spec["targets"], spec["methods"], itertools.product(*grid.values()), spec["seeds"])
-    assert seen == {(t, m, tuple(float(v) for v in p), s) for t, m, p, s in combos}
+    combos = {(t, m, tuple(float(v) for v in p), s) for t in spec["targets"] for m in spec["methods"]
+              for p in itertools.product(*grids[m].values()) for s in spec["seeds"]}
+    assert seen == combos
     assert "GPU-hours" in res.stdout
 
 

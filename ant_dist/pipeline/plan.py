@@ -17,8 +17,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from ant_dist.config import BaselinesConfig, ConfigError, RelearnConfig, ReproduceConfig, load_config
-from ant_dist.methods import METHODS, PRETRAINED_MODEL, RECBOLE_BASELINES, method_options
+from ant_dist.methods import (FUSION_ABLATION, IRL_ITEM_REPRS, IRL_ONLY_OPTIONS, METHODS, PRETRAINED_MODEL,
+                              RECBOLE_BASELINES, method_options)
 from ant_dist.runtime.atomic import atomic_path
 
 REPO = Path(__file__).resolve().parents[2]  # ant_dist/pipeline/plan.py -> the repository
@@ -139,10 +142,28 @@ def grid_axes(relearn: dict) -> list:
     return axes
 
 
-def grid_points(relearn: dict) -> list:
+def grid_points(relearn: dict, axes: list | None = None) -> list:
     """Every combination of the grid axes (the first axis varies slowest), as {option: value}."""
-    axes = grid_axes(relearn)
+    axes = grid_axes(relearn) if axes is None else axes
     return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
+
+
+def method_relearn_options(cfg: ReproduceConfig, method: str) -> list:
+    """The relearn options a configured method adds: its method_options entry, else its table's."""
+    return cfg.method_options[method] if method in cfg.method_options else method_options(method)
+
+
+def method_grid_axes(cfg: ReproduceConfig, method: str) -> list:
+    """The grid axes that vary a method's runs: every axis but an option its own options set (they
+    come last and win) and an option its item model never reads (methods.IRL_ONLY_OPTIONS outside
+    ANT's item model or with its fusion term ablated). Either gives runs identical but for their folder."""
+    own = dict(str(o).split("=", 1) for o in method_relearn_options(cfg, method) if "=" in str(o))
+    own = {k.strip(): yaml.safe_load(v) for k, v in own.items()}
+    ablated = own.get("ablate", cfg.relearn.get("ablate")) or []
+    ablated = [str(a).lstrip("-") for a in (ablated if isinstance(ablated, list) else [ablated])]
+    fusion_read = own.get("item_repr", "irl") in IRL_ITEM_REPRS and FUSION_ABLATION not in ablated
+    ignored = set() if fusion_read else set(IRL_ONLY_OPTIONS)
+    return [(k, v) for k, v in grid_axes(cfg.relearn) if k not in set(own) | ignored]
 
 
 def point_tag(point: dict) -> str:
@@ -176,13 +197,15 @@ def layout(cfg: ReproduceConfig) -> dict:
 
 
 def relearn_runs(cfg: ReproduceConfig) -> list:
-    """One entry per re-learning run: target x method x grid point x seed, in that order."""
+    """One entry per re-learning run: target x method x grid point x seed, in that order (a method's
+    grid points are those of its own axes, method_grid_axes)."""
     runs = []
-    for target, method, (gi, point), seed in itertools.product(cfg.targets, cfg.methods,
-                                                               enumerate(grid_points(cfg.relearn)), cfg.seeds):
-        name = f"relearn/{target}/{slug(method)}/seed{seed}/{point_tag(point)}"
-        runs.append({"target": target, "method": method, "seed": seed, "grid_index": gi, "point": point,
-                     "run_name": name})
+    points = {m: list(enumerate(grid_points(cfg.relearn, method_grid_axes(cfg, m)))) for m in cfg.methods}
+    for target, method in itertools.product(cfg.targets, cfg.methods):
+        for (gi, point), seed in itertools.product(points[method], cfg.seeds):
+            name = f"relearn/{target}/{slug(method)}/seed{seed}/{point_tag(point)}"
+            runs.append({"target": target, "method": method, "seed": seed, "grid_index": gi, "point": point,
+                         "run_name": name})
     return runs
 
 
@@ -336,8 +359,7 @@ def build_plan(cfg: ReproduceConfig) -> list:
     fixed = {k: v for k, v in cfg.relearn.items() if k not in dict(grid_axes(cfg.relearn))}
     tasks = []
     for run in relearn_runs(cfg):
-        method_opts = (cfg.method_options[run["method"]] if run["method"] in cfg.method_options
-                       else method_options(run["method"]))
+        method_opts = method_relearn_options(cfg, run["method"])
         if run["method"] not in METHODS:  # the report groups runs by this label
             method_opts = [f"method={run['method']}", *method_opts]
         pretrained = paths["pretrained_unisrec" if PRETRAINED_MODEL.get(_method_label(cfg, run["method"])) else
@@ -398,8 +420,12 @@ def relearn_note(cfg: ReproduceConfig) -> str:
     axes = grid_axes(cfg.relearn)
     grid = " x ".join(f"{k} {format_value(v)}" for k, v in axes) or "no grid"
     n_points = math.prod(len(v) for _, v in axes)
-    return (f"{len(cfg.targets)} target(s) x {len(cfg.methods)} method(s) x {n_points} grid point(s) ({grid}) x "
-            f"{len(cfg.seeds)} seed(s) = {len(cfg.targets) * len(cfg.methods) * n_points * len(cfg.seeds)} runs")
+    per_target = sum(math.prod(len(v) for _, v in method_grid_axes(cfg, m)) for m in cfg.methods)
+    repeats = len(cfg.methods) * n_points - per_target
+    return (f"{len(cfg.targets)} target(s) x {len(cfg.methods)} method(s) x {n_points} grid point(s) ({grid})"
+            + (f" less {repeats} that would repeat a run (a grid option the method ignores or sets itself)"
+               if repeats else "")
+            + f" x {len(cfg.seeds)} seed(s) = {len(cfg.targets) * per_target * len(cfg.seeds)} runs")
 
 
 # ----------------------------------------------------------------------------- the fetch stage's first step
