@@ -22,7 +22,8 @@ from test_slurm import _wait_job_done, cluster, slurm  # noqa: F401  (cluster: a
 
 from ant_dist.config import ConfigError, ReproduceConfig
 from ant_dist.methods import PRETRAINED_MODEL, RECBOLE_BASELINES
-from ant_dist.pipeline.plan import build_plan, grid_points
+from ant_dist.pipeline.grid import grid_points
+from ant_dist.pipeline.plan import build_plan
 from ant_dist.pipeline.selection import report_inputs, select_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,7 +223,8 @@ def test_targets_and_seeds_flags_shrink_the_array():
                     "--seeds", "4")
     assert res.returncode == 0, res.stderr
     rows = table_rows(res.stdout)
-    assert rows["relearn"] == (2 * 11 * 4 * 1, "pretrain,pretrain_unisrec")
+    # 2 targets x 1 seed x (4 beta points for ReL, FT, GB, ANT_e; one run for each of the 7 other methods)
+    assert rows["relearn"] == (2 * 1 * (4 * 4 + 7), "pretrain,pretrain_unisrec")
     assert rows["baselines"] == (2 * 5 * 1, "embed")
     assert rows["fetch"][0] == 4 + 2  # the auxiliary domains and the two targets
     assert "seed=4" in res.stdout and "seed=0" not in res.stdout
@@ -464,7 +466,7 @@ def test_emit_slurm_writes_the_stage_table_and_the_distributed_stages_arguments(
         ("fetch", "task", 9, "-", "0"), ("pack", "task", 9, "fetch", "0"), ("embed", "embed", 1, "pack", "0"),
         ("baselines", "task", 5 * 5, "embed", "0"), ("pretrain", "pretrain", 1, "embed", "0"),
         ("embed_worddrop", "embed", 1, "pack", "0"), ("pretrain_unisrec", "pretrain", 1, "embed,embed_worddrop", "0"),
-        ("relearn", "task", 5 * 11 * 4, "pretrain,pretrain_unisrec", "0"), ("select", "task", 1, "relearn", "0"),
+        ("relearn", "task", 5 * (4 * 4 + 7), "pretrain,pretrain_unisrec", "0"), ("select", "task", 1, "relearn", "0"),
         ("report", "task", 1, "select,baselines", "0")]
     assert rows[3][5:] == ["1", "1", "1", "8", "32G", "04:00:00", "-"]  # resources.baselines: one GPU per run
     pretrain_args = (tmp_path / "plan" / "pretrain.args").read_text().splitlines()

@@ -1,14 +1,14 @@
 """Model selection on validation for the reproduction (`python -m ant_dist.reproduce`'s select
 stage), and the run folders its report reads: per (target, method, seed) the best grid point,
-plus every baseline run of the plan (ant_dist/pipeline/plan.py builds the runs)."""
+plus every baseline run of the plan (pipeline/grid.py and pipeline/plan.py enumerate the runs)."""
 
 from __future__ import annotations
 
 import json
 
 from ant_dist.config import ConfigError, ReproduceConfig
-from ant_dist.pipeline.plan import (BASELINE_FIELDS, BASELINE_NOT_RESULTS, baseline_config, baseline_runs, grid_axes,
-                                    layout, relearn_runs)
+from ant_dist.pipeline.grid import grid_axes, relearn_runs
+from ant_dist.pipeline.plan import BASELINE_FIELDS, BASELINE_NOT_RESULTS, baseline_config, baseline_runs, layout
 
 
 def _valid_value(metrics: dict, target: str, metric: str, where: str) -> float:
