@@ -27,6 +27,9 @@ SCHEDULES = ("cosine", "epoch_decay", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 TRACKERS = ("wandb", "tensorboard", "none")
 SCORES = ("cos", "dot")
+METRIC_KS = (10, 20, 50)  # the cut-offs every evaluation reports (eval/metrics.py)
+# the validation metrics that may pick a run's best epoch (and a reproduction's grid point)
+SELECT_METRICS = tuple(f"{name}@{k}" for name in ("recall", "ndcg") for k in METRIC_KS)
 
 
 # ----------------------------------------------------------------------------- synth
@@ -230,7 +233,7 @@ class RelearnConfig(PretrainConfig):
     method: str = opt("", "label in reports (empty: ReL, FT, GB, ANT_e, ID-SASRec or zero-shot from mode and "
                       "item_repr, with the ablations appended)")
     select_metric: str = opt("recall@10", "validation metric that picks the best epoch (pooled over the target "
-                             "users): recall@K or ndcg@K, K in 10, 20, 50")
+                             "users)", choices=SELECT_METRICS)
     patience_steps: int = opt(200, "early stopping: stop after this many optimizer steps without a better "
                               "validation metric (counted in steps, so tiny targets are not stopped at epoch 0; "
                               "0 = never stop early)")
@@ -299,7 +302,8 @@ class BaselinesConfig:
     batch_size: int = opt(2048, "training batch (paper: 2,048)")
     epochs: int = opt(300, "most training epochs")
     patience: int = opt(10, "early stopping: stop after this many epochs without a better validation metric")
-    select_metric: str = opt("recall@10", "our validation metric that picks the best epoch (as relearn's)")
+    select_metric: str = opt("recall@10", "our validation metric that picks the best epoch (as relearn's)",
+                             choices=SELECT_METRICS)
     exclude_history: bool = opt(True, "remove a user's earlier items from the ranking (RecBole: false)")
     s3rec_pretrain_epochs: int = opt(10, "S3-Rec's self-supervised pre-training epochs before fine-tuning")
     s3rec_attributes: int = opt(0, "S3-Rec item attributes: k-means clusters of the text table (0: sqrt(items), "
@@ -362,7 +366,8 @@ class ReproduceConfig:
                                    "text_word_drop into <work_dir>/features_worddrop (0: no such table; the "
                                    "sequence-sequence view drops items only)")
     seeds: list = opt([0, 1, 2], "re-learning seeds (and the baselines': the same seeds pair their users)")
-    select_metric: str = opt("recall@10", "validation metric that selects the epoch and the grid point")
+    select_metric: str = opt("recall@10", "validation metric that selects the epoch and the grid point",
+                             choices=SELECT_METRICS)
     baselines: list = opt(list(RECBOLE_BASELINES), "RecBole baselines of Table II, each run on every target x seed "
                           "by `python -m ant_dist.baselines` (empty: none)", choices=tuple(RECBOLE_BASELINES))
     baseline_options: dict = opt({}, "ant_dist.baselines options of every baseline (hidden, lr, epochs, batch_size, "

@@ -68,7 +68,7 @@ def labels(cfg: BaselinesConfig) -> list[str]:
     chosen = list(cfg.models) + ([cfg.model] if cfg.model else [])
     if not chosen:
         raise rb.BaselineError(f"choose model=<one of {', '.join(RECBOLE_BASELINES)}> or models=[...]")
-    check_metric(cfg.select_metric)  # relearn's rule: recall@K or ndcg@K, K in 10, 20, 50
+    check_metric(cfg.select_metric)  # relearn's rule (config.SELECT_METRICS)
     for name in ("epochs", "patience", "batch_size", "eval_batch", "hidden", "max_len"):
         if getattr(cfg, name) < 1:
             raise rb.BaselineError(f"{name} must be at least 1, got {getattr(cfg, name)}")

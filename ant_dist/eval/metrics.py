@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from ant_dist.config import SCORES
+from ant_dist.config import METRIC_KS, SCORES
 
-DEFAULT_KS = (10, 20, 50)
+DEFAULT_KS = METRIC_KS
 PADDING_RANK = -1  # the rank returned for a user whose target is negative (padding)
 TIE_RTOL = 2.0 ** -22  # 2 float32 ulps at 1.0: scores this close to the target's are ties (module docstring)
 

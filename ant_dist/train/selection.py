@@ -10,17 +10,15 @@ transferred models would not get the same budget.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 
+from ant_dist.config import SELECT_METRICS
 from ant_dist.train import TrainError
-
-_METRIC = re.compile(r"^(recall|ndcg)@(10|20|50)$")
 
 
 def check_metric(name: str) -> None:
-    if not _METRIC.match(name):
-        raise TrainError(f"select_metric must be recall@K or ndcg@K with K in 10, 20, 50, got {name!r}")
+    if name not in SELECT_METRICS:
+        raise TrainError(f"select_metric must be one of {', '.join(SELECT_METRICS)}, got {name!r}")
 
 
 def pooled(result: dict, metric: str) -> float:
