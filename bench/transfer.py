@@ -259,11 +259,13 @@ def plot(result: dict, fractions: list[float], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(w, t) for w in WORLDS for t in WORLDS[w].values()
-              if any(r["target"] == t for r in result["rows"])]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.8), sharey=False,
-                             squeeze=False)
-    axes = axes[0]
+    worlds = [w for w in WORLDS if any(r["world"] == w for r in result["rows"])] or list(WORLDS)[:1]
+    targets = [t for t in TARGETS if any(r["target"].split("_")[0] == t for r in result["rows"])] or list(TARGETS)[:1]
+    # a row per target, a column per world: one target's worlds side by side on one y scale
+    fig, grid = plt.subplots(len(targets), len(worlds), figsize=(4.2 * len(worlds), 3.4 * len(targets)),
+                             sharey="row", squeeze=False)
+    panels = [(w, WORLDS[w][t]) for t in targets for w in worlds]
+    axes = [ax for row in grid for ax in row]
     for ax, (world, target) in zip(axes, panels):
         for method in METHODS:
             pts = sorted((r["fraction"], r["ndcg@10_mean"], r["ndcg@10_std"]) for r in result["rows"]
@@ -279,9 +281,11 @@ def plot(result: dict, fractions: list[float], path: Path) -> None:
         ax.set_xticklabels([f"{f:g}" for f in fractions])
         ax.set_title(f"{target.split('_')[0]}, {world}")
         ax.set_xlabel("fraction of target users trained on")
-    axes[0].set_ylabel("test NDCG@10 (mean ± std over seeds)")
-    axes[-1].legend(fontsize=8)
-    fig.tight_layout()
+    for row in grid:
+        row[0].set_ylabel("test NDCG@10 (mean ± std over seeds)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)  # outside the panels: it hides no curve
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
