@@ -353,9 +353,9 @@ class ReproduceConfig:
     pretrain: dict = opt({}, "ant_dist.pretrain options over pretrain_config")
     relearn_config: str = opt("configs/relearn.yaml", "base config of ant_dist.relearn")
     relearn: dict = opt({}, "ant_dist.relearn options over relearn_config; a list value is a grid axis "
-                        "(beta: [0.1, 0.3]); for a list-typed option (ablate) a list of lists is; an axis is "
-                        "not expanded for a method that ignores the option (beta: all but ANT's item model) "
-                        "or sets it in method_options")
+                        "(beta: [0.1, 0.3]); for a list-typed option (ablate) a list of lists is; a run leaves "
+                        "out of its point what it ignores (beta without ANT's fusion term: other item models, "
+                        "ablate MF) or its method_options set, and equal points run once")
     methods: list = opt(["ReL", "FT", "GB", "ANT_e", "ID-SASRec"], f"methods to run: {', '.join(METHODS)} or a "
                         "label of method_options")
     method_options: dict = opt({}, "extra methods: label -> relearn options, e.g. {'ReL -T': [mode=relearn, "

@@ -2,7 +2,7 @@
 # The paper reproduction as a chain of dependent Slurm jobs (docs/reproduce.md):
 #   bash slurm/reproduce_paper.sh --config configs/paper/ant.yaml [--targets A,B] [--seeds 0,1] [key=value ...]
 # fetch images (array over domains) -> pack (array) -> embed (slurm/embed.sh) -> pretrain
-# (slurm/pretrain.sh) -> relearn (array over targets x methods x grid points x seeds) -> select
+# (slurm/pretrain.sh) -> relearn (array over targets x methods x their grid points x seeds) -> select
 # -> report; beside pretrain and relearn, baselines (array over targets x RecBole baselines x
 # seeds, after embed), which the report waits for too. Each job is submitted with
 # --dependency=afterok on the stages it needs (its "after" in the plan: report after select and

@@ -20,6 +20,11 @@ def test_wrong_type_is_an_error_naming_it():
         load_config(PackConfig, None, ["domain=a", "meta=b", "interactions=c", "min_core=five"])
 
 
+def test_a_value_yaml_cannot_read_is_an_error_naming_the_override():
+    with pytest.raises(ConfigError, match=r"^'images=\[a': the value is not valid YAML"):
+        load_config(PackConfig, None, ["domain=a", "meta=b", "interactions=c", "images=[a"])
+
+
 def test_missing_required_is_an_error_naming_it():
     with pytest.raises(ConfigError, match="interactions"):
         load_config(PackConfig, None, ["domain=a", "meta=b"])
@@ -53,10 +58,13 @@ CHOICE_OPTIONS = {
                        "schedule": {"cosine", "epoch_decay", "constant"}, "precision": {"auto", "bf16", "fp32"},
                        "tracker": {"wandb", "tensorboard", "none"}, "features_on": {"auto", "device", "mmap"}},
     "RelearnConfig": {"mode": {"relearn", "finetune", "scratch", "zeroshot"}, "item_repr": {"irl", "id", "irl+id"},
-                      "score": {"", "cos", "dot"}, "loss": {"sampled", "exact"}},
+                      "score": {"", "cos", "dot"}, "loss": {"sampled", "exact"},
+                      "select_metric": {f"{m}@{k}" for m in ("recall", "ndcg") for k in (10, 20, 50)}},
+    "BaselinesConfig": {"select_metric": {f"{m}@{k}" for m in ("recall", "ndcg") for k in (10, 20, 50)}},
+    "ReproduceConfig": {"select_metric": {f"{m}@{k}" for m in ("recall", "ndcg") for k in (10, 20, 50)}},
 }
 REQUIRED = {"PackConfig": ["domain=D", "meta=m", "interactions=i"], "FetchConfig": ["meta=m", "images=i"],
-            "EmbedConfig": ["text_encoder=t", "image_encoder=i"]}
+            "EmbedConfig": ["text_encoder=t", "image_encoder=i"], "BaselinesConfig": ["domain=D"]}
 
 
 @pytest.mark.parametrize("cls_name,option", [(c, o) for c, opts in CHOICE_OPTIONS.items() for o in opts])

@@ -147,7 +147,9 @@ def test_ablations_switch_off_item_model_parts(tmp_path):
 
 @pytest.mark.parametrize("item_repr,ablate", [(r, "[]") for r in ITEM_REPRS] + [("irl", "[MF]"), ("irl+id", "[MF]")])
 def test_beta_changes_exactly_the_item_models_that_methods_says_read_it(item_repr, ablate):
-    """The reproduction's grid skips beta for the other item models (pipeline/plan.py): its premise."""
+    """The reproduction's grid skips beta for the other item models (pipeline/grid.py): its premise.
+    Untrained forward passes only: with T or I ablated the zeroed modality's adaptor still learns a
+    constant whose product with the other term beta weighs, so those keep beta (not tested here)."""
     features, corpus = SimpleNamespace(text_dim=12, image_dim=10), SimpleNamespace(n_items=9)
     g = torch.Generator().manual_seed(3)
     price = torch.rand(9, generator=g)

@@ -22,7 +22,7 @@ from test_slurm import _wait_job_done, cluster, slurm  # noqa: F401  (cluster: a
 
 from ant_dist.config import ConfigError, ReproduceConfig
 from ant_dist.methods import PRETRAINED_MODEL, RECBOLE_BASELINES
-from ant_dist.pipeline.grid import grid_points
+from ant_dist.pipeline.grid import grid_points, relearn_runs
 from ant_dist.pipeline.plan import build_plan
 from ant_dist.pipeline.selection import report_inputs, select_runs
 
@@ -312,6 +312,7 @@ def test_baseline_options_layer_common_then_label_then_target_then_target_label(
     ({"baseline_target_options": {"Arts": {"model": "NPE"}}}, "'model' is set by the pipeline itself"),
     ({"baseline_options": {"GRU4Rec": {"hidden": 64}}}, "'GRU4Rec' is neither an option of ant_dist.baselines"),
     ({"baseline_target_options": {"Arts": {"NPE": {"hidden": "wide"}}}}, "the options of baseline NPE on Arts: hidden"),
+    ({"select_metric": "mrr@10"}, "select_metric must be one of recall@10,"),
 ])
 def test_a_config_built_in_code_is_refused_the_same_way(tmp_path, kw, message):
     with pytest.raises(ConfigError) as err:
@@ -354,6 +355,38 @@ def test_grid_points_expand_list_options_in_order_and_keep_list_typed_options():
     assert grid_points({"beta": 0.3}) == [{}]
 
 
+def _code_config(tmp_path, relearn, methods, method_options=None) -> ReproduceConfig:
+    return ReproduceConfig(work_dir=str(tmp_path), aux_domains=["Food"], targets=["Office"], methods=methods,
+                           seeds=[0], relearn=relearn, method_options=method_options or {},
+                           files={d: {"meta": "m", "ratings": "r"} for d in ("Food", "Office")})
+
+
+def test_a_method_runs_only_the_grid_points_its_run_does_not_ignore_or_set(tmp_path):
+    # beta weighs ANT's text-image fusion: ablating MF (an axis here) leaves it unread; "ReL b" sets it itself
+    cfg = _code_config(tmp_path, {"beta": [0.1, 0.7], "ablate": [["T"], ["MF"]]}, ["ReL", "ReL b"],
+                       {"ReL b": ["mode=relearn", "beta=0.9"]})
+    points = {m: [r["point"] for r in relearn_runs(cfg) if r["method"] == m] for m in cfg.methods}
+    # the grid's order (beta slowest), a repeat dropped where it first repeats
+    assert points == {"ReL": [{"beta": 0.1, "ablate": ["T"]}, {"ablate": ["MF"]}, {"beta": 0.7, "ablate": ["T"]}],
+                      "ReL b": [{"ablate": ["T"]}, {"ablate": ["MF"]}]}
+    relearn = next(s for s in build_plan(cfg) if s.name == "relearn")
+    own = [t.argv for t in relearn.tasks if t.info["method"] == "ReL b"]
+    assert all([a for a in argv if a.startswith("beta=")] == ["beta=0.9"] for argv in own)
+    # one run each: no fusion term to weigh (ID-SASRec; ANT with MF ablated, written with a minus; a label
+    # redefined as SASRec++), or beta fixed outside the grid with the fusion ablated for every run
+    cfg = _code_config(tmp_path, {"beta": [0.1, 0.7]}, ["ID-SASRec", "ReL -MF", "GB"],
+                       {"ReL -MF": ["mode=relearn", "ablate=[-MF]"], "GB": ["mode=scratch", "item_repr=fused"]})
+    runs = relearn_runs(cfg)
+    assert [(r["method"], r["point"], r["run_name"].rsplit("/", 1)[1]) for r in runs] == [
+        ("ID-SASRec", {}, "default"), ("ReL -MF", {}, "default"), ("GB", {}, "default")]
+    assert [r["point"] for r in relearn_runs(_code_config(tmp_path, {"beta": [0.1, 0.7], "ablate": ["MF"]},
+                                                          ["ReL"]))] == [{}]
+    # a malformed method_options entry is a config error naming the method (exit 2), not a traceback
+    for options in (["mode=relearn", "ablate=[T"], ["oops"]):
+        with pytest.raises(ConfigError, match="method 'X'"):
+            relearn_runs(_code_config(tmp_path, {"beta": [0.1]}, ["X"], {"X": options}))
+
+
 # ----------------------------------------------------------------------------- selection
 def _fake_run(work: Path, target, method, seed, tag, beta, valid, test=0.5):
     run = work / "runs" / "relearn" / target / method / f"seed{seed}" / tag
@@ -393,6 +426,25 @@ def test_selection_refuses_missing_runs_and_runs_of_another_grid_point(tmp_path)
         select_runs(cfg)
     _fake_run(tmp_path, "Office", "GB", 0, "beta0.3", 0.7, 0.2)  # a stale folder: run with beta 0.7
     with pytest.raises(ConfigError, match="beta=0.7"):
+        select_runs(cfg)
+
+
+def test_selection_checks_a_run_without_grid_options_against_the_options_the_plan_sets(tmp_path):
+    cfg = _code_config(tmp_path, {"beta": [0.1, 0.3], "lr": 0.002}, ["ID-SASRec"])
+    run = tmp_path / "runs" / "relearn" / "Office" / "ID-SASRec" / "seed0" / "default"
+    run.mkdir(parents=True)
+
+    def write(lr):
+        (run / "metrics.json").write_text(json.dumps({
+            "config": {"lr": lr, "mode": "scratch", "item_repr": "id", "beta": 0.3, "seed": 0, "tracker": "none"},
+            "valid": {"Office": {"mean": {"recall@10": 0.2}}}}))
+
+    write(0.002)
+    groups = select_runs(cfg)["groups"]
+    assert [(g["method"], g["selected"]["run_dir"], g["selected"]["point"]) for g in groups] == \
+        [("ID-SASRec", str(run), {})]
+    write(0.001)  # left by a config with another learning rate: never selected
+    with pytest.raises(ConfigError, match=r"lr=0.001, the plan says 0.002"):
         select_runs(cfg)
 
 

@@ -39,7 +39,7 @@ from ant_dist.baselines import recbole_setup as rb
 from ant_dist.baselines.scoring import RecboleScorer, Sequences
 from ant_dist.baselines.text_features import (TEXT_CLUSTER_FIELD, attribute_count, text_cluster_tokens,
                                               use_text_features)
-from ant_dist.config import BaselinesConfig, ExportRecboleConfig, check_choices, parse_cli
+from ant_dist.config import METRIC_KS, BaselinesConfig, ExportRecboleConfig, check_choices, parse_cli
 from ant_dist.data.export_recbole import RECBOLE_YAML, ExportError, export_domain, read_packed_domain
 from ant_dist.eval.results import METRICS_FILE, write_metrics
 from ant_dist.features.feature_table import FeatureTableError, load_features
@@ -90,7 +90,7 @@ def recbole_options(cfg: BaselinesConfig, label: str, run_dir: Path) -> dict:
             "train_neg_sample_args": None, "hidden_size": cfg.hidden, "embedding_size": cfg.hidden,
             "inner_size": cfg.inner_size, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
             "show_progress": False, "log_wandb": False, "state": "WARNING", "worker": 0,
-            "metrics": ["Recall", "NDCG"], "topk": [10, 20, 50], "valid_metric": "NDCG@10"}
+            "metrics": ["Recall", "NDCG"], "topk": list(METRIC_KS), "valid_metric": "NDCG@10"}
     if cfg.dropout is not None:
         opts.update(hidden_dropout_prob=cfg.dropout, attn_dropout_prob=cfg.dropout, dropout_prob=cfg.dropout)
     # the item file is read for its ids only (every catalog row gets a RecBole id, interacted or not) and

@@ -17,11 +17,10 @@ from pathlib import Path
 
 from ant_dist.config import SELECT_METRICS, BaselinesConfig, ConfigError, ReproduceConfig, load_config
 from ant_dist.methods import METHODS, PRETRAINED_MODEL, RECBOLE_BASELINES
-from ant_dist.pipeline.grid import (format_value, grid_axes, method_relearn_options, point_tag, relearn_note,
-                                    relearn_runs, slug)
+from ant_dist.pipeline.grid import (REPO, fixed_options, format_value, grid_axes, method_relearn_options,
+                                    overrides, point_tag, relearn_note, relearn_runs, repo_path, slug)
 from ant_dist.runtime.atomic import atomic_path
 
-REPO = Path(__file__).resolve().parents[2]  # ant_dist/pipeline/plan.py -> the repository
 
 STAGES = ("fetch", "pack", "embed", "embed_worddrop", "baselines", "pretrain", "pretrain_unisrec", "relearn", "select",
           "report")
@@ -108,10 +107,6 @@ def check_config(cfg: ReproduceConfig) -> None:
 
 def all_domains(cfg: ReproduceConfig) -> list:
     return list(dict.fromkeys([*cfg.aux_domains, *cfg.targets]))
-
-
-def overrides(options: dict) -> list:
-    return [f"{k}={format_value(v)}" for k, v in options.items()]
 
 
 def _path(p: str, base: Path) -> str:
@@ -252,13 +247,13 @@ def build_plan(cfg: ReproduceConfig) -> list:
         images = {d: cfg.image_dirs[d] for d in domains if cfg.image_dirs.get(d)}
     tasks = []
     for d in domains:
-        argv = [py, str(REPO / "tools" / "pack.py"), "--config", _path(cfg.pack_config, REPO), f"domain={d}",
+        argv = [py, str(REPO / "tools" / "pack.py"), "--config", repo_path(cfg.pack_config), f"domain={d}",
                 "format=amazon2018", f"meta={_path(cfg.files[d]['meta'], raw)}",
                 f"interactions={_path(cfg.files[d]['ratings'], raw)}", f"out={paths['shards']}",
                 *([f"images={images[d]}"] if d in images else []), *overrides(cfg.pack)]
         tasks.append(Task(f"pack {d}", argv, done_files=[f"{paths['shards']}/{d}/catalog.parquet"], info={"domain": d}))
     stages.append(Stage("pack", tasks, ["fetch"] if cfg.fetch else [], resources(cfg, "pack")))
-    argv = [py, "-m", "ant_dist.embed", "--config", _path(cfg.embed_config, REPO), f"shards={paths['shards']}",
+    argv = [py, "-m", "ant_dist.embed", "--config", repo_path(cfg.embed_config), f"shards={paths['shards']}",
             f"out={paths['features']}", f"domains={format_value(domains)}", *overrides(cfg.embed)]
     stages.append(Stage("embed", [Task("embed", argv, done_tables=[str(paths["features"] / d) for d in domains])],
                         ["pack"], resources(cfg, "embed"), launch="embed"))
@@ -273,7 +268,7 @@ def build_plan(cfg: ReproduceConfig) -> list:
                               done_files=[f"{paths['runs']}/{run['run_name']}/metrics.json"],
                               info={**run, "run_dir": str(paths["runs"] / run["run_name"])}))
         stages.append(Stage("baselines", tasks, ["embed"], resources(cfg, "baselines"), note=baselines_note(cfg)))
-    argv = [py, "-m", "ant_dist.pretrain", "--config", _path(cfg.pretrain_config, REPO), f"shards={paths['shards']}",
+    argv = [py, "-m", "ant_dist.pretrain", "--config", repo_path(cfg.pretrain_config), f"shards={paths['shards']}",
             f"features={paths['features']}", f"out={paths['runs']}", "run_name=pretrain",
             f"domains={format_value(list(cfg.aux_domains))}", *overrides(cfg.pretrain)]
     stages.append(Stage("pretrain", [Task("pretrain", argv, done_files=[f"{paths['pretrained']}/model_config.json"])],
@@ -281,15 +276,16 @@ def build_plan(cfg: ReproduceConfig) -> list:
     unisrec = any(PRETRAINED_MODEL.get(_method_label(cfg, m)) == "unisrec" for m in cfg.methods)
     if unisrec:
         stages += _unisrec_stages(cfg, paths, argv)
-    fixed = {k: v for k, v in cfg.relearn.items() if k not in dict(grid_axes(cfg.relearn))}
+    fixed = fixed_options(cfg)
     tasks = []
-    for run in relearn_runs(cfg):
+    runs = relearn_runs(cfg)
+    for run in runs:
         method_opts = method_relearn_options(cfg, run["method"])
         if run["method"] not in METHODS:  # the report groups runs by this label
             method_opts = [f"method={run['method']}", *method_opts]
         pretrained = paths["pretrained_unisrec" if PRETRAINED_MODEL.get(_method_label(cfg, run["method"])) else
                            "pretrained"]
-        argv = [py, "-m", "ant_dist.relearn", "--config", _path(cfg.relearn_config, REPO), *overrides(fixed),
+        argv = [py, "-m", "ant_dist.relearn", "--config", repo_path(cfg.relearn_config), *overrides(fixed),
                 *overrides(run["point"]), *method_opts, f"shards={paths['shards']}", f"features={paths['features']}",
                 f"out={paths['runs']}", f"run_name={run['run_name']}", f"pretrained={pretrained}",
                 f"domain={run['target']}", f"seed={run['seed']}", f"select_metric={cfg.select_metric}"]
@@ -297,7 +293,7 @@ def build_plan(cfg: ReproduceConfig) -> list:
         tasks.append(Task(label, argv, done_files=[f"{paths['runs']}/{run['run_name']}/metrics.json"],
                           info={**run, "run_dir": str(paths["runs"] / run["run_name"])}))
     stages.append(Stage("relearn", tasks, ["pretrain"] + ["pretrain_unisrec"] * unisrec, resources(cfg, "relearn"),
-                        note=relearn_note(cfg)))
+                        note=relearn_note(cfg, len(runs))))
     stages.append(Stage("select", [Task("select", [], action="select")], ["relearn"], resources(cfg, "select"),
                         note=f"per target x method x seed, the grid point with the best validation "
                              f"{cfg.select_metric} (ties: the earlier point) -> {paths['selection']}"))
@@ -325,7 +321,7 @@ def _unisrec_stages(cfg: ReproduceConfig, paths: dict, pretrain_argv: list) -> l
     options = ["model=unisrec"]
     if cfg.unisrec_word_drop > 0:
         aux = list(cfg.aux_domains)
-        argv = [pretrain_argv[0], "-m", "ant_dist.embed", "--config", _path(cfg.embed_config, REPO),
+        argv = [pretrain_argv[0], "-m", "ant_dist.embed", "--config", repo_path(cfg.embed_config),
                 f"shards={paths['shards']}", f"out={paths['features_worddrop']}", f"domains={format_value(aux)}",
                 *overrides(cfg.embed), f"text_word_drop={cfg.unisrec_word_drop}"]
         stages.append(Stage("embed_worddrop", [Task("embed_worddrop", argv, done_tables=[

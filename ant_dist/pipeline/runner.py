@@ -1,6 +1,7 @@
 """The paper's experiments as one pipeline: fetch images, pack, embed, train RecBole's baselines on
 every target x baseline x seed (beside pre-training: they need the features, not the pre-trained
-model), pre-train, re-learn every target x method x grid point x seed, select on validation, report.
+model), pre-train, re-learn every target x method x its grid points x seed, select on validation,
+report.
 
     python -m ant_dist.reproduce --config configs/paper/ant.yaml --dry-run      (the plan, its estimate)
     python -m ant_dist.reproduce --config configs/paper/ant.yaml [--targets Scientific,Office] [--seeds 0]

@@ -30,10 +30,14 @@ def select_runs(cfg: ReproduceConfig) -> dict:
             missing.append(str(where))
             continue
         metrics = json.loads(where.read_text())
-        for key, value in run["point"].items():  # a run left by another config must not be selected
-            if metrics.get("config", {}).get(key) != value:
-                raise ConfigError(f"{where}: was run with {key}={metrics.get('config', {}).get(key)!r}, the grid "
-                                  f"point says {value!r} (a stale run folder? remove it and rerun)")
+        recorded = metrics.get("config", {})
+        # a run left by another config must not be selected: its grid point, and every other option
+        # the plan sets that bears on results (a point may have no option of its own: folder default)
+        for key, value in {**run["expect"], **run["point"]}.items():
+            if key in recorded and recorded[key] != value or key in run["point"] and key not in recorded:
+                said = "the grid point says" if key in run["point"] else "the plan says"
+                raise ConfigError(f"{where}: was run with {key}={recorded.get(key)!r}, {said} {value!r} (a stale "
+                                  f"run folder? remove it and rerun)")
         value = _valid_value(metrics, run["target"], cfg.select_metric, str(where))
         key = (run["target"], run["method"], run["seed"])
         groups.setdefault(key, []).append({"point": run["point"], "grid_index": run["grid_index"],
