@@ -18,8 +18,8 @@ For each target, each fraction of its users trained on (all users are validated 
 and each method: GB, FT, ReL, ANT_e, ID-SASRec, UniSRec-GB, UniSRec, UniSRec-ReL (3 seeds; the
 transfer methods over 3 pre-training seeds) and zero-shot. `--run-seeds` decouples the two: the
 i-th run seed then starts its transfer runs from the (i mod P)-th of the P pre-training seeds, so
-one pre-training can serve several target seeds when pre-training is the cost that does not fit. Every run is `python -m
-ant_dist.relearn` with the demo's target settings (patience 200 steps); finished runs are
+one pre-training can serve several target seeds when pre-training is the cost that does not fit.
+Every run is `python -m ant_dist.relearn` with the demo's target settings (patience 200 steps); finished runs are
 skipped on a rerun. The report (`ant_dist.report`) gives the tables, Table III and the paired
 t-tests; this script adds the issue's checks and a plot:
 - shift 0, 10 % of users: the better of FT and ReL beats GB with p < 0.05 on both targets;

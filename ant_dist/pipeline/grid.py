@@ -41,9 +41,10 @@ def overrides(options: dict) -> list:
     return [f"{k}={format_value(v)}" for k, v in options.items()]
 
 
-def repo_path(p: str) -> str:
-    """A base config path of the reproduction config (`*_config`): relative to the repository."""
-    return str(Path(p) if Path(p).is_absolute() else REPO / p)
+def under(p: str, base: Path = REPO) -> str:
+    """A path of the reproduction config: absolute as given, else relative to `base` (a base config,
+    `*_config`: the repository; a raw file: raw_dir)."""
+    return str(Path(p) if Path(p).is_absolute() else base / p)
 
 
 def grid_axes(relearn: dict) -> list:
@@ -58,9 +59,9 @@ def grid_axes(relearn: dict) -> list:
     return axes
 
 
-def grid_points(relearn: dict, axes: list | None = None) -> list:
+def grid_points(relearn: dict) -> list:
     """Every combination of the grid axes (the first axis varies slowest), as {option: value}."""
-    axes = grid_axes(relearn) if axes is None else axes
+    axes = grid_axes(relearn)
     return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
 
 
@@ -85,7 +86,7 @@ def run_config(cfg: ReproduceConfig, method: str, point: dict) -> RelearnConfig:
     """The config a run trains with (its base relearn_config file, then run_options); a malformed
     method_options entry is a ConfigError that names the method."""
     try:
-        return load_config(RelearnConfig, repo_path(cfg.relearn_config), [*run_options(cfg, method, point),
+        return load_config(RelearnConfig, under(cfg.relearn_config), [*run_options(cfg, method, point),
                                                                              "domain=_"])
     except ConfigError as exc:
         raise ConfigError(f"method {method!r} (method_options, or relearn): {exc}") from None

@@ -18,7 +18,7 @@ from pathlib import Path
 from ant_dist.config import SELECT_METRICS, BaselinesConfig, ConfigError, ReproduceConfig, load_config
 from ant_dist.methods import METHODS, PRETRAINED_MODEL, RECBOLE_BASELINES
 from ant_dist.pipeline.grid import (REPO, fixed_options, format_value, grid_axes, method_relearn_options,
-                                    overrides, point_tag, relearn_note, relearn_runs, repo_path, slug)
+                                    overrides, point_tag, relearn_note, relearn_runs, slug, under)
 from ant_dist.runtime.atomic import atomic_path
 
 
@@ -42,7 +42,6 @@ BASELINE_FIELDS = {f.name for f in dataclasses.fields(BaselinesConfig)}
 # options of a baseline run that do not change its results (paths, where and how it logs)
 BASELINE_NOT_RESULTS = {"shards", "features", "out", "run_name", "models", "device", "progress", "tracker",
                         "wandb_project", "eval_batch"}
-
 
 
 @dataclass
@@ -107,10 +106,6 @@ def check_config(cfg: ReproduceConfig) -> None:
 
 def all_domains(cfg: ReproduceConfig) -> list:
     return list(dict.fromkeys([*cfg.aux_domains, *cfg.targets]))
-
-
-def _path(p: str, base: Path) -> str:
-    return str(Path(p) if Path(p).is_absolute() else base / p)
 
 
 def resources(cfg: ReproduceConfig, stage: str) -> dict:
@@ -231,9 +226,9 @@ def build_plan(cfg: ReproduceConfig) -> list:
         tasks = []
         for d in domains:
             images[d] = str(paths["images"] / d)
-            meta, info, before = _path(cfg.files[d]["meta"], raw), {"domain": d}, ""
+            meta, info, before = under(cfg.files[d]["meta"], raw), {"domain": d}, ""
             if cfg.fetch_min_ratings:  # the meta lines of the items that may survive the k-core
-                info.update(meta=meta, ratings=_path(cfg.files[d]["ratings"], raw), min_ratings=cfg.fetch_min_ratings,
+                info.update(meta=meta, ratings=under(cfg.files[d]["ratings"], raw), min_ratings=cfg.fetch_min_ratings,
                             out=str(paths["work"] / "fetch_meta" / f"{d}.json.gz"))
                 meta, before = info["out"], "rated_meta"
             argv = [py, str(REPO / "tools" / "fetch_images.py"), "format=amazon2018", f"meta={meta}",
@@ -247,13 +242,13 @@ def build_plan(cfg: ReproduceConfig) -> list:
         images = {d: cfg.image_dirs[d] for d in domains if cfg.image_dirs.get(d)}
     tasks = []
     for d in domains:
-        argv = [py, str(REPO / "tools" / "pack.py"), "--config", repo_path(cfg.pack_config), f"domain={d}",
-                "format=amazon2018", f"meta={_path(cfg.files[d]['meta'], raw)}",
-                f"interactions={_path(cfg.files[d]['ratings'], raw)}", f"out={paths['shards']}",
+        argv = [py, str(REPO / "tools" / "pack.py"), "--config", under(cfg.pack_config), f"domain={d}",
+                "format=amazon2018", f"meta={under(cfg.files[d]['meta'], raw)}",
+                f"interactions={under(cfg.files[d]['ratings'], raw)}", f"out={paths['shards']}",
                 *([f"images={images[d]}"] if d in images else []), *overrides(cfg.pack)]
         tasks.append(Task(f"pack {d}", argv, done_files=[f"{paths['shards']}/{d}/catalog.parquet"], info={"domain": d}))
     stages.append(Stage("pack", tasks, ["fetch"] if cfg.fetch else [], resources(cfg, "pack")))
-    argv = [py, "-m", "ant_dist.embed", "--config", repo_path(cfg.embed_config), f"shards={paths['shards']}",
+    argv = [py, "-m", "ant_dist.embed", "--config", under(cfg.embed_config), f"shards={paths['shards']}",
             f"out={paths['features']}", f"domains={format_value(domains)}", *overrides(cfg.embed)]
     stages.append(Stage("embed", [Task("embed", argv, done_tables=[str(paths["features"] / d) for d in domains])],
                         ["pack"], resources(cfg, "embed"), launch="embed"))
@@ -268,7 +263,7 @@ def build_plan(cfg: ReproduceConfig) -> list:
                               done_files=[f"{paths['runs']}/{run['run_name']}/metrics.json"],
                               info={**run, "run_dir": str(paths["runs"] / run["run_name"])}))
         stages.append(Stage("baselines", tasks, ["embed"], resources(cfg, "baselines"), note=baselines_note(cfg)))
-    argv = [py, "-m", "ant_dist.pretrain", "--config", repo_path(cfg.pretrain_config), f"shards={paths['shards']}",
+    argv = [py, "-m", "ant_dist.pretrain", "--config", under(cfg.pretrain_config), f"shards={paths['shards']}",
             f"features={paths['features']}", f"out={paths['runs']}", "run_name=pretrain",
             f"domains={format_value(list(cfg.aux_domains))}", *overrides(cfg.pretrain)]
     stages.append(Stage("pretrain", [Task("pretrain", argv, done_files=[f"{paths['pretrained']}/model_config.json"])],
@@ -285,7 +280,7 @@ def build_plan(cfg: ReproduceConfig) -> list:
             method_opts = [f"method={run['method']}", *method_opts]
         pretrained = paths["pretrained_unisrec" if PRETRAINED_MODEL.get(_method_label(cfg, run["method"])) else
                            "pretrained"]
-        argv = [py, "-m", "ant_dist.relearn", "--config", repo_path(cfg.relearn_config), *overrides(fixed),
+        argv = [py, "-m", "ant_dist.relearn", "--config", under(cfg.relearn_config), *overrides(fixed),
                 *overrides(run["point"]), *method_opts, f"shards={paths['shards']}", f"features={paths['features']}",
                 f"out={paths['runs']}", f"run_name={run['run_name']}", f"pretrained={pretrained}",
                 f"domain={run['target']}", f"seed={run['seed']}", f"select_metric={cfg.select_metric}"]
@@ -321,7 +316,7 @@ def _unisrec_stages(cfg: ReproduceConfig, paths: dict, pretrain_argv: list) -> l
     options = ["model=unisrec"]
     if cfg.unisrec_word_drop > 0:
         aux = list(cfg.aux_domains)
-        argv = [pretrain_argv[0], "-m", "ant_dist.embed", "--config", repo_path(cfg.embed_config),
+        argv = [pretrain_argv[0], "-m", "ant_dist.embed", "--config", under(cfg.embed_config),
                 f"shards={paths['shards']}", f"out={paths['features_worddrop']}", f"domains={format_value(aux)}",
                 *overrides(cfg.embed), f"text_word_drop={cfg.unisrec_word_drop}"]
         stages.append(Stage("embed_worddrop", [Task("embed_worddrop", argv, done_tables=[

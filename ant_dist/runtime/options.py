@@ -90,7 +90,7 @@ def load_config(cls: type[T], config_file: Optional[str | Path] = None,
         # `key=` on a text option means the empty text (OmegaConf would read null: a type error)
         texts = {f.name for f in dataclasses.fields(cls) if f.type in (str, "str")}
         overrides = [f"{o}''" if o.endswith("=") and o[:-1].strip() in texts else o for o in overrides]
-        merged = OmegaConf.merge(merged, _parse_overrides(list(overrides)))
+        merged = OmegaConf.merge(merged, *_parse_overrides(list(overrides)))
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(f"missing required option(s): {', '.join(missing)}")
@@ -104,18 +104,19 @@ def load_config(cls: type[T], config_file: Optional[str | Path] = None,
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
 
 
-def _parse_overrides(overrides: list):
-    """`key=value` overrides as an OmegaConf node; a value YAML cannot read (`ablate=[T`) is a
-    ConfigError naming it, not a parser traceback."""
+def _parse_overrides(overrides: list) -> list:
+    """`key=value` overrides as OmegaConf nodes, one each, to merge in order; a value YAML cannot
+    read (`ablate=[T`) is a ConfigError naming it, not a parser traceback."""
     import yaml
 
+    nodes = []
     for o in overrides:
         try:
-            OmegaConf.from_dotlist([o])
+            nodes.append(OmegaConf.from_dotlist([o]))
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise ConfigError(f"{o!r}: the value is not valid YAML ({problem})") from None
-    return OmegaConf.from_dotlist(overrides)
+    return nodes
 
 
 def _load_yaml(path: Path):
